@@ -1,0 +1,298 @@
+"""The Llama-family decoder, from scratch: pure math, no loading, no sampling, no device policy.
+
+Shapes use one alphabet: B batch, T new tokens, S keys (past + new), C model width (dim), H query heads,
+K key/value heads, G = H // K query heads per kv head, D head dim, F SwiGLU width, V vocabulary.
+
+Module names mirror Hugging Face's LlamaForCausalLM (model.embed_tokens, model.layers[i].self_attn.q_proj,
+mlp.gate_proj, input_layernorm, model.norm, lm_head), so a checkpoint's keys load without a mapping.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillama.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight (Zhang & Sennrich 2019): LayerNorm without the mean and bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # in float32: the mean of squares under/overflows in half precision
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig, length: int, device=None):
+    """cos and sin of every position's rotation angles, (length, D) each, precomputed once.
+
+    Pair i of a head rotates by position · theta^(-2i/D). Length extension (seed 000):
+    linear = position interpolation, squeeze positions by the factor so they stay in the trained range;
+    ntk = NTK-aware scaling, raise the base so low frequencies stretch while high ones barely move.
+    """
+    D = config.head_dim
+    base = config.rope_theta
+    if config.rope_scaling == "ntk":
+        base = base * config.rope_factor ** (D / (D - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, D, 2, device=device, dtype=torch.float64) / D)  # (D/2,)
+    positions = torch.arange(length, device=device, dtype=torch.float64)
+    if config.rope_scaling == "linear":
+        positions = positions / config.rope_factor
+    angles = torch.outer(positions, inv_freq)  # (length, D/2)
+    # rotate-half layout (HF): pair i is (x[i], x[i + D/2]), so each angle is repeated once per half
+    angles = torch.cat([angles, angles], dim=-1)  # (length, D)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x[i], x[i + D/2]) pair by its angle: x·cos + rotate_half(x)·sin, element-wise.
+
+    x (B, heads, T, D); cos/sin (B, 1, T, D) gathered at each token's position.
+    """
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, plus which past slots hold real tokens.
+
+    All rows of a batch advance together (left padding keeps them aligned), so one `length` counts the
+    filled slots. Writing into fixed buffers means no allocation per decoded token.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)  # (B, K, S_max, D)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S_max) real tokens
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) next rotary position
+        self.length = 0
+        self.max_len = max_len
+
+    def reset(self):
+        self.mask.zero_()
+        self.positions.zero_()
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        C, D = config.dim, config.head_dim
+        self.q_proj = nn.Linear(C, self.n_heads * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(C, self.n_kv_heads * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(C, self.n_kv_heads * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * D, C, bias=False)
+        self.use_sdpa = True  # False selects reference_attention; a test shows they agree
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        """x (B, T, C); cos/sin (B, 1, T, D); mask (B, 1, T, S) bool, True = may attend, or None = causal."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k = cache.k[layer][:, :, :start + T]  # (B, K, S, D)
+            v = cache.v[layer][:, :, :start + T]  # (B, K, S, D)
+        attend = scaled_dot_product_attention if self.use_sdpa else reference_attention
+        y = attend(q, k, v, mask)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
+        return self.o_proj(y)
+
+
+def reference_attention(q, k, v, mask):
+    """softmax(q·kᵀ / sqrt(D) + mask) · v written out, the way the seed documents derive it.
+
+    q (B, H, T, D), k/v (B, K, S, D). Query heads are grouped onto their kv head with a view,
+    (B, K, G, T, D) against (B, K, 1, S, D), so GQA/MQA share keys and values without copying them.
+    """
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    q = q.view(B, K, H // K, T, D)  # (B, K, G, T, D)
+    scores = q @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # (B, K, G, T, S)
+    if mask is None:
+        mask = causal_mask(T, S, q.device)  # (T, S)
+    else:
+        mask = mask.unsqueeze(1)  # (B, 1, 1, T, S)
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1).to(q.dtype)
+    y = weights @ v.unsqueeze(2)  # (B, K, G, T, D)
+    return y.view(B, H, T, D)
+
+
+def scaled_dot_product_attention(q, k, v, mask):
+    """The same computation by PyTorch's fused kernel; enable_gqa shares kv heads without copying."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def causal_mask(T: int, S: int, device=None):
+    """(T, S) bool: new token i sits at slot S - T + i and sees every slot up to its own, by broadcasting."""
+    q_slot = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+    return k_slot <= q_slot  # (T, S)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020, arXiv:2002.05202): down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: normalise the input of each sublayer, never the residual stream itself."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, the decoder stack and the final norm: token ids (B, T) -> hidden states (B, T, C)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        """(Re)compute the rotary tables; called again after loading weights onto a meta-built model."""
+        cos, sin = rope_tables(self.config, self.config.max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """input_ids (B, T); attention_mask (B, T) 1 = real token, 0 = (left) padding, for the new tokens
+        only: a cache remembers the past ones. Returns hidden states (B, T, C)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"cache holds {cache.max_len} tokens; {past} + {T} do not fit")
+        positions, mask = self.positions_and_mask(input_ids, attention_mask, cache)
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D)
+        sin = self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, D)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def positions_and_mask(self, input_ids, attention_mask, cache):
+        """Rotary positions (B, T) counted over real tokens only, so a left-padded prompt starts at 0,
+        and the attention mask (B, 1, T, S), or None when plain causal attention suffices."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        new = attention_mask.bool()  # (B, T)
+        start = cache.positions if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
+        positions = (start[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        if cache is not None:
+            past = cache.length
+            cache.mask[:, past:past + T] = new
+            cache.positions += new.long().sum(-1)
+            keys = cache.mask[:, :past + T]  # (B, S)
+        else:
+            keys = new  # (B, S=T)
+        window = self.config.sliding_window
+        S = keys.shape[1]
+        if bool(keys.all()) and (window is None or S <= window) and S == T:
+            return positions, None  # no padding, no past: the fused kernel's own causal mask is fastest
+        q_slot = torch.arange(S - T, S, device=device)[:, None]  # (T, 1) slot of each new token
+        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
+        # causal, and only real keys; but always itself, so a padding row never has nothing to attend
+        # (its output is garbage that no real token reads, but it must not be NaN)
+        mask = (k_slot <= q_slot) & (keys[:, None, :] | (k_slot == q_slot))  # (B, T, S)
+        if window is not None:
+            mask = mask & (q_slot - k_slot < window)
+        return positions, mask.unsqueeze(1)  # (B, 1, T, S)
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM: the decoder plus the LM head. forward(...) -> logits (B, T, V), always."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        return self.lm_head(self.model(input_ids, attention_mask, cache))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """normal(0, 0.02) everywhere; the two projections that write into the residual stream (o_proj,
+        down_proj) get 0.02/sqrt(2·n_layers), so the stream's variance stays put as layers add up (GPT-2)."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+        return self
+
+
+class LlamaForSequenceClassification(nn.Module):
+    """The decoder plus a `score` head on the last real token (found from the attention mask, which
+    works for left and right padding alike, unlike searching for a pad_token_id)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.dim, num_labels, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        """-> logits (B, num_labels)"""
+        h = self.model(input_ids, attention_mask)  # (B, T, C)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, device=input_ids.device)
+        else:
+            # index of the last 1 in each row: argmax of (slot index where real, -1 elsewhere)
+            slots = torch.arange(T, device=input_ids.device)
+            last = torch.where(attention_mask.bool(), slots, -1).argmax(-1)  # (B,)
+        return self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
