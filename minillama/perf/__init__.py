@@ -1,0 +1,1 @@
+"""Opt-in speed transforms: functions model -> model, each with an equivalence test."""
