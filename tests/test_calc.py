@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from minillama.calc import count_params, flops_per_token, memory_estimate
+from minillama.cli import main
+from minillama.config import PRESETS, preset
+
+# published totals: Llama 2 paper / Hugging Face model cards
+EXACT = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama2-70b": 68_976_648_192}
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_cli_prints_exact_total(name, capsys):
+    assert main(["params", name]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["total", f"{EXACT[name]:,}"] in lines
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_cli_json_total(name, capsys):
+    assert main(["params", name, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"]["total"] == EXACT[name]
+    assert report["params"] == count_params(preset(name))
+
+
+def test_7b_breakdown():
+    assert count_params(preset("llama2-7b")) == {
+        "embedding": 32000 * 4096, "attention": 32 * 4 * 4096 * 4096, "mlp": 32 * 3 * 4096 * 11008,
+        "norms": 65 * 4096, "head": 32000 * 4096, "total": 6_738_415_616}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_count_matches_model(name):
+    from minillama.model import Llama
+
+    config = PRESETS[name]
+    with torch.device("meta"):
+        model = Llama(config)
+    assert count_params(config)["total"] == sum(p.numel() for p in model.parameters())  # tied weights once
+
+
+def test_gqa_kv_cache_70b():
+    config = preset("llama2-70b")  # 80 layers, 8 kv heads of 128 dims (64 query heads)
+    mem = memory_estimate(config, batch_size=1, seq_len=4096, dtype="bf16")["inference"]
+    per_token = 2 * 80 * 8 * 128 * 2  # keys and values, bf16: 327,680 bytes = 320 KiB
+    assert mem["kv_cache_per_token"] == per_token == 320 * 1024
+    assert mem["kv_cache_per_token_mha"] == 8 * per_token  # MHA: 64 kv heads
+    assert mem["kv_cache_context"] == per_token * 4096  # 1.25 GiB
+    assert mem["kv_cache_context_mha"] == 10 * 2**30
+
+
+def test_training_memory_sums():
+    config = preset("tiny")
+    train = memory_estimate(config, batch_size=4, seq_len=64)["training"]
+    n = count_params(config)["total"]
+    assert (train["weights"], train["gradients"], train["optimizer"]) == (4 * n, 4 * n, 8 * n)
+    assert train["total"] == 16 * n + train["activations"]
+    double = memory_estimate(config, batch_size=8, seq_len=64)["training"]
+    assert double["activations"] == 2 * train["activations"]  # linear in the batch
+
+
+def test_flops_per_token_7b():
+    config = preset("llama2-7b")
+    n_matmul = 6_738_415_616 - 32000 * 4096 - 65 * 4096  # without the embedding lookup and the norms
+    assert flops_per_token(config, 4096) == 6 * n_matmul + 12 * 32 * 4096 * 4096
+
+
+def test_unknown_preset_is_one_line(capsys):
+    assert main(["params", "llama2-8b"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "llama2-8b" in err and all(name in err for name in PRESETS)
+
+
+def test_config_file_and_folder(tmp_path, capsys):
+    preset("stories15M").save(tmp_path)  # HF config.json
+    assert main(["params", str(tmp_path), "--json"]) == 0
+    from_folder = json.loads(capsys.readouterr().out)["params"]["total"]
+    assert main(["params", str(tmp_path / "config.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["total"] == from_folder
+    assert from_folder == count_params(preset("stories15M"))["total"]
