@@ -72,6 +72,14 @@ class ModelConfig:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
+    @property
+    def rope_base(self) -> float:
+        """The rotary base actually used. NTK-aware scaling (seed 002) raises it so that the lowest
+        frequency stretches by the factor while the highest barely moves: base · factor^(D/(D-2))."""
+        if self.rope_scaling == "ntk":
+            return self.rope_theta * self.rope_factor ** (self.head_dim / (self.head_dim - 2))
+        return self.rope_theta
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -92,7 +100,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "max_position_embeddings": self.max_seq_len,
             "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
+            "rope_theta": self.rope_base,  # HF has no static NTK type: it is just this larger base
             "rope_scaling": self._hf_rope_scaling(),
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_token_id,
@@ -117,9 +125,6 @@ class ModelConfig:
     def _hf_rope_scaling(self):
         if self.rope_scaling == "linear":
             return {"rope_type": "linear", "factor": self.rope_factor}
-        if self.rope_scaling == "ntk":
-            # HF has no static NTK type: fold it into the base, which is what NTK-aware scaling does
-            return None
         return None
 
     @classmethod

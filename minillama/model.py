@@ -39,10 +39,7 @@ def rope_tables(config: ModelConfig, length: int, device=None):
     ntk = NTK-aware scaling, raise the base so low frequencies stretch while high ones barely move.
     """
     D = config.head_dim
-    base = config.rope_theta
-    if config.rope_scaling == "ntk":
-        base = base * config.rope_factor ** (D / (D - 2))
-    inv_freq = 1.0 / base ** (torch.arange(0, D, 2, device=device, dtype=torch.float64) / D)  # (D/2,)
+    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, D, 2, device=device, dtype=torch.float64) / D)  # (D/2,)
     positions = torch.arange(length, device=device, dtype=torch.float64)
     if config.rope_scaling == "linear":
         positions = positions / config.rope_factor
