@@ -236,16 +236,9 @@ def test_gguf_of_every_quant_type_loads_with_the_dequantized_logits(name, arch, 
     assert max_diff(ours, reference, ids, mask) < 1e-4
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from minillama.assets import smollm2_gguf
-    return smollm2_gguf()
-
-
-def test_smollm2_q4_1_gguf_matches_transformers_reading_of_it(smollm2):
-    ours = load_model(smollm2)
+def test_smollm2_q4_1_gguf_matches_transformers_reading_of_it(smollm2_model, hf_smollm2):
+    ours, reference = smollm2_model, hf_smollm2
     assert ours.config.n_layers == 30 and ours.config.n_kv_heads == 3 and ours.config.tie_embeddings
-    reference = transformers.AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name).eval()
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 1171, 30], [0, 0, 0, 1, 9038, 2114, 28, 1134]])
     mask = torch.tensor([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])
     assert max_diff(ours, reference, ids, mask) < 1e-3

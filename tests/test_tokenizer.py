@@ -43,8 +43,8 @@ def gguf_vocab(vocab_dir):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return load_tokenizer(assets.smollm2_gguf())
+def smollm2(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def read_vectors(path):
