@@ -10,12 +10,26 @@ from minillama.config import UserError
 
 # stage modules that add subcommands, in the order of the data flow
 MODULES = [
+    "corpus",
+    "tokenizer_train",
+    "train",
+    "checkpoint",
     "calc",
+    "generate",
+    "chat",
+    "evaluate",
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is one line naming the command and what to do, not a usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillama", description="Llama 2 from scratch: train, run, evaluate.")
+    parser = Parser(prog="minillama", description="Llama 2 from scratch: train, run, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in MODULES:
         importlib.import_module(f"minillama.{name}").add_commands(sub)
