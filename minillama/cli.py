@@ -18,6 +18,8 @@ MODULES = [
     "generate",
     "chat",
     "evaluate",
+    "ngram",
+    "quickstart",
 ]
 
 
