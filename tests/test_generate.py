@@ -385,13 +385,8 @@ def test_cli_missing_model_exits_2(capsys):
 # ---- the real SmolLM2-135M-Instruct (GGUF) ----
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from minillama.assets import smollm2_gguf
-    from minillama.checkpoint import load_model
-    from minillama.tokenizer import load_tokenizer
-
-    path = smollm2_gguf()
-    return load_model(path).eval(), load_tokenizer(path)
+def smollm2(smollm2_model, smollm2_tokenizer):
+    return smollm2_model, smollm2_tokenizer
 
 
 def test_smollm2_batched_equals_one_by_one(smollm2):
