@@ -1,0 +1,185 @@
+"""Quality of a language model on a text: perplexity and bits per byte, by sliding windows.
+
+A model sees at most `context` tokens, so a long text is cut into windows that start every `stride`
+tokens, and every token is scored exactly once (Hugging Face, "Perplexity of fixed-length models"):
+with stride == context the windows are disjoint and each window's first token goes unscored (nothing
+before it in the window to predict it from); with stride < context a window scores only the tokens
+no earlier window scored, and uses the tokens before them as context, so each prediction sees at
+least context - stride tokens of history. Smaller strides cost more and give lower (better) numbers.
+
+Bits per byte = total negative log-likelihood in bits / UTF-8 bytes of the text: unlike perplexity,
+which is per token, it compares models with different tokenizers.
+
+Shapes: B windows in a batch, T tokens per window, C model width, V vocabulary, N scored positions.
+"""
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minillama.config import UserError
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # first token of the window in the text's ids
+    end: int  # one past its last token
+    first_scored: int  # first token (text index) this window scores; it scores first_scored .. end-1
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """The windows that score every token of an n_tokens-long text (except the very first) exactly once."""
+    check_window(context, stride)
+    out, scored_until = [], 1  # token 0 has no history: it is never scored
+    for start in range(0, n_tokens, stride):
+        end = min(start + context, n_tokens)
+        # a window's own first token cannot be predicted within it; tokens before scored_until already were
+        first = max(scored_until, start + 1)
+        if first < end:
+            out.append(Window(start, end, first))
+        scored_until = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def check_window(context: int, stride: int) -> None:
+    if context < 2:
+        raise UserError(f"--context {context}: a window needs at least 2 tokens (one to predict from)")
+    if not 1 <= stride <= context:
+        raise UserError(f"--stride {stride}: use 1 <= stride <= context ({context}), "
+                        "or some tokens would never be scored")
+
+
+@torch.inference_mode()
+def window_nll(model, ids, group: list[Window]) -> float:
+    """Summed NLL (nats) of the scored tokens of equally long windows, run as one batch."""
+    device = model.lm_head.weight.device
+    batch = torch.stack([ids[w.start:w.end] for w in group]).to(device)  # (B, T)
+    hidden = model.model(batch)  # (B, T, C)
+    total = 0.0
+    for b, w in enumerate(group):
+        # the logits at window position p predict the token at p + 1: take only the scored ones
+        positions = slice(w.first_scored - w.start - 1, w.end - w.start - 1)
+        logits = model.lm_head(hidden[b, positions]).float()  # (N, V)
+        targets = batch[b, w.first_scored - w.start:]  # (N,)
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+    return total
+
+
+def perplexity(model, ids, context: int, stride: int, batch_size: int = 4, progress: bool = False) -> dict:
+    """Perplexity of `ids` (a 1-D sequence of token ids) under `model`, each token scored once.
+
+    Returns {"perplexity", "nll" (total, nats), "tokens" (scored), "windows"}.
+    """
+    from tqdm import tqdm
+
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() != 1 or len(ids) < 2:
+        raise UserError(f"need a 1-D sequence of at least 2 token ids to score, got shape {tuple(ids.shape)}")
+    if context > model.config.max_seq_len:
+        raise UserError(f"--context {context} is longer than the model's context of "
+                        f"{model.config.max_seq_len} tokens: use --context {model.config.max_seq_len} or less")
+    todo = windows(len(ids), context, stride)
+    nll, scored = 0.0, 0
+    with tqdm(total=len(ids) - 1, unit="tok", desc="perplexity", disable=not progress, file=sys.stderr) as bar:
+        for i in range(0, len(todo), batch_size):
+            group = todo[i:i + batch_size]
+            same = [w for w in group if w.end - w.start == group[0].end - group[0].start]
+            rest = [w for w in group if w not in same]  # only the last, shorter window can differ
+            for part in (same, rest):
+                if part:
+                    nll += window_nll(model, ids, part)
+                    n = sum(w.end - w.first_scored for w in part)
+                    scored += n
+                    bar.update(n)
+                    bar.set_postfix(ppl=f"{math.exp(nll / scored):.3f}")
+    return {"perplexity": math.exp(nll / scored), "nll": nll, "tokens": scored, "windows": len(todo)}
+
+
+def evaluate_text(model, tokenizer, text: str, context: int, stride: int, max_tokens: int | None = None,
+                  progress: bool = False) -> dict:
+    """Tokenize `text` once as the tokenizer's defaults do (BOS included if it adds one), score it, and
+    add bits per byte. With max_tokens, only the first max_tokens ids are scored and the bytes counted
+    are those of the text they decode to."""
+    ids = tokenizer.encode(text)
+    n_bytes = len(text.encode("utf-8"))
+    if max_tokens is not None and len(ids) > max_tokens:
+        if max_tokens < 2:
+            raise UserError(f"--max-tokens {max_tokens}: score at least 2 tokens")
+        ids = ids[:max_tokens]
+        n_bytes = len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+    if len(ids) < 2:
+        raise UserError(f"the text is {len(ids)} token long: nothing to score")
+    result = perplexity(model, ids, context, stride, progress=progress)
+    result["bytes"] = n_bytes
+    result["bits_per_byte"] = result["nll"] / math.log(2) / n_bytes
+    result["context"], result["stride"] = context, stride
+    return result
+
+
+# ---- command line: `minillama eval` ----
+
+def read_text(args) -> str:
+    from pathlib import Path
+
+    if args.text is not None:
+        path = Path(args.text)
+        if not path.is_file():
+            raise UserError(f"--text {path}: no such file")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    from minillama.corpus import load_corpus, split
+
+    docs = load_corpus(args.corpus)
+    if len(docs) > 1:
+        # the same held-out documents `minillama tokenizer train` uses by default (val_fraction 0.05, seed 0)
+        _, docs = split(docs)
+        print(f"scoring the validation split of {args.corpus}: {len(docs)} documents", file=sys.stderr)
+    return "\n\n".join(d.text for d in docs)
+
+
+def run_eval(args) -> None:
+    from minillama.generate import load_model_and_tokenizer
+
+    if args.context is not None:  # bad window arguments fail before the (slow) load
+        check_window(args.context, args.stride or args.context)
+    text = read_text(args)
+    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype)
+    context = args.context or min(model.config.max_seq_len, 1024)
+    stride = args.stride or context
+    r = evaluate_text(model, tokenizer, text, context, stride, args.max_tokens, progress=True)
+    if args.json:
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}))
+        return
+    print(f"perplexity     {r['perplexity']:.4f}")
+    print(f"bits per byte  {r['bits_per_byte']:.4f}")
+    print(f"tokens scored  {r['tokens']:,} ({r['bytes']:,} bytes, {r['windows']} windows of {context}, "
+          f"stride {stride})")
+
+
+def add_commands(subparsers) -> None:
+    from minillama.generate import DTYPES
+
+    p = subparsers.add_parser("eval", help="perplexity and bits per byte of a model on a text",
+                              description="Perplexity by sliding windows; every token scored exactly once.")
+    p.add_argument("path", metavar="PATH", help="Hugging Face folder, .gguf file, Meta checkpoint, or smollm2")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", metavar="FILE", help="a UTF-8 text file")
+    source.add_argument("--corpus", metavar="NAME",
+                        help="a corpus spec (built-in name, file, folder, .jsonl); its validation split if "
+                             "it has several documents")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per window (default: the model's context, at most 1024)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts, <= context (default: context, disjoint windows)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights (default float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_eval)
