@@ -92,7 +92,7 @@ def chat_loop(model, tokenizer, config: GenerationConfig, system: str | None = N
 
 def run_chat(args):
     config = config_from_args(args)  # validated before the (slow) load
-    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype, args.speed)
     if args.once is None:
         chat_loop(model, tokenizer, config, args.system)
         return

@@ -58,7 +58,7 @@ def check_window(context: int, stride: int) -> None:
 @torch.inference_mode()
 def window_nll(model, ids, group: list[Window]) -> float:
     """Summed NLL (nats) of the scored tokens of equally long windows, run as one batch."""
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device  # (not lm_head's: a quantized head dequantizes on .weight)
     batch = torch.stack([ids[w.start:w.end] for w in group]).to(device)  # (B, T)
     hidden = model.model(batch)  # (B, T, C)
     total = 0.0
@@ -86,7 +86,8 @@ def perplexity(model, ids, context: int, stride: int, batch_size: int = 4, progr
                         f"{model.config.max_seq_len} tokens: use --context {model.config.max_seq_len} or less")
     todo = windows(len(ids), context, stride)
     nll, scored = 0.0, 0
-    with tqdm(total=len(ids) - 1, unit="tok", desc="perplexity", disable=not progress, file=sys.stderr) as bar:
+    total = sum(w.end - w.first_scored for w in todo)
+    with tqdm(total=total, unit="tok", desc="perplexity", disable=not progress, file=sys.stderr) as bar:
         for i in range(0, len(todo), batch_size):
             group = todo[i:i + batch_size]
             same = [w for w in group if w.end - w.start == group[0].end - group[0].start]

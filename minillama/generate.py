@@ -178,7 +178,7 @@ def generate_ids(model, prompts: list[list[int]], config: GenerationConfig, stop
     check_prompts(prompts, config.max_new_tokens, mc.vocab_size, mc.max_seq_len)
     stop_rows = set() if stop_rows is None else stop_rows
     timing = Timing() if timing is None else timing
-    weight = model.lm_head.weight  # its device and dtype are the model's
+    weight = model.model.embed_tokens.weight  # the model's device and dtype (an int8 head has no plain weight)
     device = weight.device
     ids, mask = left_pad(prompts, device)  # (B, T)
     generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
@@ -326,13 +326,25 @@ def resolve_model_path(path: str) -> Path:
     return Path(path)
 
 
-def load_model_and_tokenizer(path: str, dtype: str = "float32"):
+def load_model_and_tokenizer(path: str, dtype: str = "float32", speed: str = "plain"):
+    """speed: plain, or an opt-in transform from perf/: fast (fp32 matrix-vector kernel + torch.compile),
+    int8 (int8 weights, bf16 activations)."""
     # imported here, not at the top: the CLI imports every stage module just to build its parser
     from minillama.checkpoint import load_model
     from minillama.tokenizer import load_tokenizer
 
     resolved = resolve_model_path(path)
-    return load_model(resolved, dtype=DTYPES[dtype]).eval(), load_tokenizer(resolved)
+    model = load_model(resolved, dtype=DTYPES[dtype]).eval()
+    if speed == "fast":
+        from minillama.perf.compile import apply_compile
+        from minillama.perf.gemv import apply_fast_linear
+
+        model = apply_compile(apply_fast_linear(model))
+    elif speed == "int8":
+        from minillama.perf.quantize import apply_int8
+
+        model = apply_int8(model)
+    return model, load_tokenizer(resolved)
 
 
 def add_sampling_args(p, max_new_tokens: int = 256) -> None:
@@ -351,6 +363,9 @@ def add_sampling_args(p, max_new_tokens: int = 256) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and KV cache (default float32)")
+    p.add_argument("--speed", choices=["plain", "fast", "int8"], default="plain",
+                   help="opt-in speed transform: fast = fp32 matrix-vector kernel + torch.compile (compiles "
+                        "once, needs g++), int8 = int8 weights (default plain)")
 
 
 def config_from_args(args) -> GenerationConfig:
@@ -386,7 +401,7 @@ def run_generate(args):
         raise UserError(f"--stream prints one answer as it is written, but {len(prompts)} prompts were given: "
                         "drop --stream or give one prompt")
     config = config_from_args(args)  # validated before the (slow) load
-    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype, args.speed)
     if args.stream:
         timing = Timing()
         for piece in stream(model, tokenizer, prompts, config, timing):

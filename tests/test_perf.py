@@ -152,7 +152,8 @@ def test_compiled_model_equals_eager():
 
 # ---- the benchmark runs end to end (it measures; the lead reads the numbers) ----
 
-def test_bench_generate_smoke(capsys):
+@pytest.mark.slow
+def test_bench_generate_smoke():
     from minillama.bench.generate import format_table, run_bench
 
     rows = run_bench(["stories15M"], ["transformers", "minillama", "int8"], rounds=1, new_tokens=3,

@@ -91,3 +91,17 @@ def test_default_quickstart_beats_the_ngram(tmp_path, capsys):
     summary = json.loads((run / "quickstart.json").read_text())
     check_report(out, summary, code)
     assert code == 0 and summary["model_wins"]
+
+
+# ---- `minillama bench train` (bench/train.py) runs end to end; it measures, the lead reads the numbers ----
+
+def test_bench_train_smoke(capsys):
+    pytest.importorskip("transformers")
+    args = ["bench", "train", "--preset", "stories260K", "--batch-size", "2", "--seq-len", "32", "--steps", "1",
+            "--rounds", "1", "--warmup", "0", "--dtypes", "float32", "--no-compile"]
+    assert main(args) == 0  # it raises if the contenders' first losses differ (same weights, same task)
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("float32 ")}
+    assert set(rows) == {"transformers", "minillama", "matmul"}
+    assert rows["transformers"][3] == "1.00x"
+    assert float(rows["transformers"][6]) == pytest.approx(float(rows["minillama"][6]), abs=1e-3)  # first loss
