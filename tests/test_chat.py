@@ -52,14 +52,14 @@ def test_reply_streams_the_answer_and_records_it():
 def test_chat_loop_commands_reset_and_context_overflow():
     model = ScriptedModel(script_of("ok", end=(258,)), max_seq_len=140)  # two turns fit, three do not
     prompt_lengths = []
-    real_model = model.model
+    real_forward = model.model.forward
 
     def recording(ids, mask, cache):  # the prompt length of every prefill tells what history was sent
         if cache.length == 0:
             prompt_lengths.append(ids.shape[1])
-        return real_model(ids, mask, cache)
+        return real_forward(ids, mask, cache)
 
-    model.model = recording
+    model.model.forward = recording
     lines = iter(["hello", "/bogus", "", "hello", "/reset", "hello", "hello", "hello", "x" * 200, "/exit",
                   "never read"])
     written, notices = [], []

@@ -73,28 +73,36 @@ class FakeTokenizer:
         return text + ("<assistant>" if add_generation_prompt else "")
 
 
-class ScriptedModel(nn.Module):
-    """Stands in for a Llama: the n-th generated token of every row is script[n], whatever the prompt
-    (one-hot hidden states are the logits), so the text layer can be tested exactly."""
+class ScriptedDecoder(nn.Module):
+    """Stands in for LlamaModel: the n-th generated token of every row is script[n], whatever the prompt
+    (its one-hot hidden states are the logits)."""
 
-    def __init__(self, script, vocab_size=259, max_seq_len=1024):
+    def __init__(self, script, vocab_size):
         super().__init__()
-        self.script = list(script)
-        self.config = ModelConfig(vocab_size=vocab_size, dim=8, n_layers=1, n_heads=1, hidden_dim=8,
-                                  max_seq_len=max_seq_len)
-        self.lm_head = nn.Identity()  # hidden states are already the logits
-        self.lm_head.weight = torch.zeros(1)  # the generator reads the device and dtype from it
+        self.script, self.vocab_size = list(script), vocab_size
+        self.embed_tokens = nn.Embedding(1, 1)  # the generator reads the device and dtype from it
         self.prompt_len = 0
 
-    def model(self, ids, mask, cache):
+    def forward(self, ids, mask, cache):
         B, T = ids.shape
         if cache.length == 0:
             self.prompt_len = T
         n = cache.length + T - self.prompt_len  # tokens generated before the one this step predicts
         cache.length += T
-        h = torch.zeros(B, T, self.config.vocab_size)  # (B, T, V)
+        h = torch.zeros(B, T, self.vocab_size)  # (B, T, V)
         h[:, -1, self.script[min(n, len(self.script) - 1)]] = 1.0
         return h
+
+
+class ScriptedModel(nn.Module):
+    """Stands in for a Llama whose output follows a script, so the text layer can be tested exactly."""
+
+    def __init__(self, script, vocab_size=259, max_seq_len=1024):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, dim=8, n_layers=1, n_heads=1, hidden_dim=8,
+                                  max_seq_len=max_seq_len)
+        self.model = ScriptedDecoder(script, vocab_size)
+        self.lm_head = nn.Identity()  # hidden states are already the logits
 
 
 def script_of(text, end=(257,)):
