@@ -23,12 +23,29 @@ from minillama.config import UserError
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
                "<|end_of_text|>")
 
-# Used when a checkpoint has no chat template of its own: ChatML, as SmolLM2 and Qwen2 write it.
+# Used when a checkpoint has no chat template of its own (default_chat_template picks one).
+# ChatML, as SmolLM2 and Qwen2 write it:
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Llama 2 chat (Meta's llama/generation.py): every user turn is "<s>[INST] ... [/INST]", the answer follows
+# after a space and ends with "</s>"; a system message sits inside the first [INST] between <<SYS>> tags.
+LLAMA2_TEMPLATE = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = '<<SYS>>\n' + messages[0]['content'] | trim + '\n<</SYS>>\n\n' %}"
+    "{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
 )
 
 # SentencePiece piece types (sentencepiece_model.proto); GGUF's tokenizer.ggml.token_type uses the same.
@@ -129,12 +146,19 @@ class Tokenizer:
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
         try:
-            template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+            template = env.from_string(self.chat_template or self.default_chat_template())
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                    pad_token=self.pad_token or "", unk_token=self.unk_token or "", **extra)
         except jinja2.TemplateError as e:
             raise UserError(f"chat template: {e}") from None
+
+    def default_chat_template(self) -> str:
+        """For a checkpoint without a template: Llama 2's [INST] format for a SentencePiece vocabulary with
+        <s> and no ChatML tokens (Llama 2, our own trained tokenizers), ChatML otherwise."""
+        if self.bos_token == "<s>" and self.backend.token_to_id("<|im_start|>") is None:
+            return LLAMA2_TEMPLATE
+        return CHATML_TEMPLATE
 
     def save(self, folder) -> None:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (+ tokenizer.model)."""

@@ -209,6 +209,19 @@ def test_chat_template_fallback_is_chatml(gguf_vocab):
     assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False).endswith("<|im_end|>\n")
 
 
+def test_chat_template_fallback_for_sentencepiece_is_llama2(gguf_vocab):
+    tok = gguf_vocab("llama-spm")
+    assert tok.chat_template is None and tok.bos_token == "<s>"
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": " Capital of France?"}]
+    text = tok.apply_chat_template(conversation)
+    assert text == ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>"
+                    "<s>[INST] Capital of France? [/INST]")
+    ids = tok.encode(text, bos=False, special=True)
+    assert ids.count(tok.bos_id) == 2 and ids.count(tok.eos_id) == 1  # <s> and </s> are tokens, not text
+    assert tok.apply_chat_template(conversation[1:2]) == "<s>[INST] Hi [/INST]"
+
+
 def test_chat_template_raise_exception_is_user_error(gguf_vocab):
     spm = gguf_vocab("llama-spm")
     tok = Tokenizer(spm.backend, bos_token="<s>", eos_token="</s>",
