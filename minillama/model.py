@@ -216,8 +216,9 @@ class LlamaModel(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-        new = attention_mask.bool()  # (B, T)
+            new = torch.ones(B, T, dtype=torch.bool, device=device)  # (B, T)
+        else:
+            new = attention_mask.bool()  # (B, T)
         start = cache.positions if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
         positions = (start[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         if cache is not None:
@@ -229,8 +230,11 @@ class LlamaModel(nn.Module):
             keys = new  # (B, S=T)
         window = self.config.sliding_window
         S = keys.shape[1]
-        if bool(keys.all()) and (window is None or S <= window) and S == T:
-            return positions, None  # no padding, no past: the fused kernel's own causal mask is fastest
+        # no past, no window in reach, no padding: the fused kernel's own causal mask is fastest. The
+        # shape tests come first: a decode step (S > T) then never asks the data-dependent question,
+        # which would split a torch.compile graph there
+        if S == T and (window is None or S <= window) and (attention_mask is None or bool(keys.all())):
+            return positions, None
         q_slot = torch.arange(S - T, S, device=device)[:, None]  # (T, 1) slot of each new token
         k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
         # causal, and only real keys; but always itself, so a padding row never has nothing to attend

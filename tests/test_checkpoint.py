@@ -4,6 +4,7 @@ transformers' logits; SmolLM2-135M's Q4_1 GGUF must give the logits transformers
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -372,13 +373,28 @@ def test_bad_input_is_a_one_line_user_error(case, bad):
     assert "\n" not in str(info.value) and str(path.name) in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["truncated safetensors", "gguf of another architecture"])
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_convert_cli_bad_input_exits_2_with_one_line(case, bad, tmp_path, capsys):
     path, pattern = bad[case]
     assert main(["convert", str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and path.name in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("minillama convert: error: ")
+    assert path.name in err and re.search(pattern, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_public_api_saves_and_loads_model_and_tokenizer(tmp_path):
+    import minillama
+    from minillama.assets import llama_cpp_vocab_dir
+
+    tok = minillama.load_tokenizer(llama_cpp_vocab_dir() / "ggml-vocab-llama-spm.gguf")
+    model = minillama.Llama(minillama.preset("tiny").replace(vocab_size=tok.vocab_size)).init_weights(0)
+    minillama.save_model(model, tmp_path / "m", tokenizer=tok)
+    loaded, loaded_tok = minillama.load_model(tmp_path / "m"), minillama.load_tokenizer(tmp_path / "m")
+    ids = tok.encode("Hello world")
+    assert loaded_tok.encode("Hello world") == ids and ids[0] == tok.bos_id
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.tensor([ids])), model(torch.tensor([ids])), atol=0, rtol=0)
 
 
 def test_convert_cli_gguf_to_folder(tmp_path, capsys):

@@ -116,13 +116,8 @@ def test_context_longer_than_the_model_is_a_user_error(tiny):
 # ---- SmolLM2 against transformers ----
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from minillama.assets import smollm2_gguf
-    from minillama.checkpoint import load_model
-    from minillama.tokenizer import load_tokenizer
-
-    path = smollm2_gguf()
-    return path, load_model(path).eval(), load_tokenizer(path)
+def smollm2(smollm2_path, smollm2_model, smollm2_tokenizer):  # conftest's, loaded once per session
+    return smollm2_path, smollm2_model, smollm2_tokenizer
 
 
 def hf_sliding_window_nll(model, ids, context, stride):
@@ -154,7 +149,7 @@ def hf_smollm2(smollm2):
 @pytest.mark.parametrize("context,stride", [(128, 128), (128, 64)])
 def test_smollm2_perplexity_agrees_with_transformers(smollm2, hf_smollm2, context, stride):
     path, model, tokenizer = smollm2
-    reference = hf_smollm2
+    reference = hf_smollm2  # conftest's: transformers reading the same GGUF
     ids = torch.tensor(tokenizer.encode(TEXT))
     assert 200 <= len(ids) <= 400
     r = perplexity(model, ids, context, stride)

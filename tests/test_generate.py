@@ -149,9 +149,20 @@ def test_rows_finishing_early_leave_the_others_unchanged():
     full = run(model, prompts, GREEDY)
     stop = {full[0][3], full[2][1]}  # makes rows finish at different steps
     alone = [run(model, [p], GREEDY, stop)[0] for p in prompts]
+    rows_per_call = []
+    decoder_forward = model.model.forward
+
+    def recording(ids, mask, cache):
+        rows_per_call.append(ids.shape[0])
+        return decoder_forward(ids, mask, cache)
+
+    model.model.forward = recording
     assert run(model, prompts, GREEDY, stop) == alone
     assert alone[0] == full[0][:full[0].index(full[0][3])]
     assert any(len(a) < GREEDY.max_new_tokens for a in alone)
+    # finished rows stop costing compute: each forward runs only the rows still generating
+    still_going = [sum(len(a) >= n for a in alone) for n in range(1, GREEDY.max_new_tokens)]
+    assert rows_per_call == [3] + [n for n in still_going if n > 0]
 
 
 def test_repetition_penalty_batched_equals_one_by_one_and_changes_output():

@@ -66,7 +66,7 @@ def test_fast_linear_equals_plain_model_and_keeps_weights_tied():
     assert all(type(m) is not nn.Linear for m in fast.modules())
     assert fast.lm_head.weight is fast.model.embed_tokens.weight  # still tied, no copy
     assert fast.state_dict().keys() == plain.state_dict().keys()
-    for batch in (1, 3):  # decode steps go through the kernel, the 7-token prefill through F.linear
+    for batch in (1, 3):  # decode steps and a 7-token prefill go through the kernel, a 3 x 7 one through F.linear
         assert torch.allclose(prefill_and_decode_logits(fast, batch=batch),
                               prefill_and_decode_logits(plain, batch=batch), atol=1e-4)
     prompts = [[5, 9, 200, 3], [7, 7, 1]]
@@ -75,7 +75,7 @@ def test_fast_linear_equals_plain_model_and_keeps_weights_tied():
 
 def test_fast_linear_falls_back_where_the_kernel_does_not_apply():
     for linear, x in [(nn.Linear(20, 30), torch.randn(2, 20)),  # 20 inputs: not a multiple of 16
-                      (nn.Linear(32, 30), torch.randn(9, 32)),  # more than 8 rows
+                      (nn.Linear(32, 30), torch.randn(9, 32)),  # more than MAX_ROWS rows
                       (nn.Linear(32, 30).double(), torch.randn(1, 32, dtype=torch.float64))]:  # not fp32
         assert torch.equal(FastLinear.from_linear(linear)(x), linear(x))
 
@@ -99,13 +99,8 @@ def test_int8_linear_stores_int8_with_per_row_scales():
 # ---- SmolLM2-135M: bf16 and int8 against fp32 ----
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from minillama.assets import smollm2_gguf
-    from minillama.checkpoint import load_model
-    from minillama.tokenizer import load_tokenizer
-
-    path = smollm2_gguf()
-    model, tokenizer = load_model(path).eval(), load_tokenizer(path)
+def smollm2(smollm2_model, smollm2_tokenizer):  # conftest's, loaded once per session
+    model, tokenizer = smollm2_model, smollm2_tokenizer
     ids = tokenizer.encode(TEXT)
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     return model, ids, prompts, perplexity(model, ids, 128, 128)["perplexity"], greedy(model, prompts)

@@ -55,6 +55,9 @@ def read_vectors(path):
     if texts[-1] == "":  # the file ends with a separator
         texts.pop()
     lines = path.with_name(path.name + ".out").read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":  # the file ends with a newline
+        lines.pop()
+    assert len(texts) == len(lines), f"{path.name}: {len(texts)} inputs but {len(lines)} outputs"
     return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines)]
 
 

@@ -3,6 +3,7 @@ a transformers model, resuming is exact, two processes equal one, NaN stops with
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -189,12 +190,12 @@ def test_resume_equals_uninterrupted_run_exactly(shakespeare):
     kw = dict(max_steps=12, eval_every=4, save_every=6, keep=5)
     train(small(root, "whole", **kw))
 
-    def ctrl_c_at_7(trainer, entry):
-        if entry["step"] == 7:
-            raise KeyboardInterrupt
+    def ctrl_c_after_6(trainer, entry):  # a real Ctrl-C: the loop finishes the step under way, saves, stops
+        if entry["step"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        train(small(root, "parts", **kw), on_step=ctrl_c_at_7)
+        train(small(root, "parts", **kw), on_step=ctrl_c_after_6)
     assert (root / "parts" / "step_000007").is_dir() and not (root / "parts" / "final").exists()
     with pytest.raises(UserError, match="--resume"):  # never overwrite a run by accident
         train(small(root, "parts", **kw))

@@ -203,6 +203,9 @@ def run_bench(models=MODELS, contenders=CONTENDERS, rounds: int = 3, new_tokens:
         for c in contenders:
             rows.append(summarize(name, c, results[c], weight_bytes(built[c]), bandwidth, batch))
         del built, base
+        # compiled code is cached per function, not per model: without a reset the next model's shapes
+        # would pile recompilations onto this one's until torch gives up and runs it eagerly
+        torch._dynamo.reset()
     reference = {row["model"]: row for row in rows if row["contender"] == "transformers"}
     for row in rows:
         ref = reference.get(row["model"])
