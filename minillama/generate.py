@@ -187,7 +187,7 @@ def generate_ids(model, prompts: list[list[int]], config: GenerationConfig, stop
     rows = list(range(len(prompts)))  # prompt index of each cache row
 
     start = time.perf_counter()
-    # without padding the mask says nothing: None lets the model take its plain causal path
+    # without padding the mask says nothing: None tells the model so, and it takes the fused causal path
     logits = last_logits(model, ids, None if bool(mask.all()) else mask, cache)  # (B, V)
     next_ids = sample(logits, config, generator, seen)  # (B,)
     timing.prefill_tokens += int(mask.sum())

@@ -195,7 +195,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None):
         """input_ids (B, T); attention_mask (B, T) 1 = real token, 0 = (left) padding, for the new tokens
-        only: a cache remembers the past ones. Returns hidden states (B, T, C)."""
+        only: a cache remembers the past ones; None = no padding (and the fastest path). Returns hidden
+        states (B, T, C)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
@@ -230,10 +231,9 @@ class LlamaModel(nn.Module):
             keys = new  # (B, S=T)
         window = self.config.sliding_window
         S = keys.shape[1]
-        # no past, no window in reach, no padding: the fused kernel's own causal mask is fastest. The
-        # shape tests come first: a decode step (S > T) then never asks the data-dependent question,
-        # which would split a torch.compile graph there
-        if S == T and (window is None or S <= window) and (attention_mask is None or bool(keys.all())):
+        # no mask given, no past, no window in reach: the fused kernel's own causal mask is fastest.
+        # Only shapes decide, never the mask's values, so torch.compile sees no data-dependent branch
+        if attention_mask is None and S == T and (window is None or S <= window):
             return positions, None
         q_slot = torch.arange(S - T, S, device=device)[:, None]  # (T, 1) slot of each new token
         k_slot = torch.arange(S, device=device)[None, :]  # (1, S)

@@ -139,13 +139,6 @@ def hf_sliding_window_nll(model, ids, context, stride):
     return nll, count
 
 
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2):
-    transformers = pytest.importorskip("transformers")
-    path = smollm2[0]
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
-
-
 @pytest.mark.parametrize("context,stride", [(128, 128), (128, 64)])
 def test_smollm2_perplexity_agrees_with_transformers(smollm2, hf_smollm2, context, stride):
     path, model, tokenizer = smollm2

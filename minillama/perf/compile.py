@@ -7,9 +7,8 @@ C++ loops and runs the step from one Python call. The matmuls stay library calls
 apply_fast_linear ran first: it is a custom op, so it compiles as one opaque node).
 
 Shapes are compiled dynamic (`dynamic=True`): the cache length grows every step and a new graph per
-length would recompile forever. The mask logic in LlamaModel.positions_and_mask asks a data-dependent
-question (is every key real?), which splits the graph in two there; that costs one extra call, not
-a recompilation.
+length would recompile forever. LlamaModel.positions_and_mask chooses its mask from shapes and from
+whether a mask was passed, never from the mask's values, so the graph does not split there.
 """
 
 from torch import nn
