@@ -1,16 +1,18 @@
 """minillama: the Llama 2 family from scratch, readable and fast enough for a CPU."""
 
-from minillama.config import ModelConfig, UserError, preset
+from minillama.config import GenerationConfig, ModelConfig, TrainConfig, UserError, preset
 
 # The public API, imported on first use so `import minillama` stays light.
 _LAZY = {
     "Llama": "minillama.model",
+    "KVCache": "minillama.model",
     "load_model": "minillama.checkpoint",
+    "load_model_and_tokenizer": "minillama.checkpoint",
     "save_model": "minillama.checkpoint",
     "load_tokenizer": "minillama.tokenizer",
 }
 
-__all__ = ["ModelConfig", "UserError", "preset", *_LAZY]
+__all__ = ["GenerationConfig", "ModelConfig", "TrainConfig", "UserError", "preset", *_LAZY]
 
 
 def __getattr__(name):

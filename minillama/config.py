@@ -1,15 +1,31 @@
-"""ModelConfig: the shape of a Llama-family model, its named presets, and Hugging Face config.json."""
+"""Every configuration in one place: the model's shape (ModelConfig and named presets) and the run-time
+configs of the stages (TrainConfig, GenerationConfig). Each field states its default and its help once;
+the command line is generated from them (cli.add_fields). Hugging Face's config.json is translated in
+checkpoint/hf.py. Nothing here imports torch, so `minillama --help` is instant.
+"""
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from dataclasses import dataclass, field
 
 
 class UserError(Exception):
     """A mistake in what the user gave us (a path, a field, a value): printed as one line, no traceback."""
 
+    def naming(self, source) -> "UserError":
+        """This error with the file it is about in front, unless the message names it already."""
+        return self if str(source) in str(self) else UserError(f"{source}: {self}")
+
+
+def option(default, help: str, **cli):
+    """A config field with its command-line help (and extra argparse settings, e.g. choices)."""
+    kind = "default_factory" if isinstance(default, list) else "default"
+    return field(**{kind: (lambda: list(default)) if kind == "default_factory" else default},
+                 metadata={"help": help, **cli})
+
+
+# ---- the model ----
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -23,8 +39,8 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # Length extension (seed 000/002): "linear" = position interpolation (positions / factor),
-    # "ntk" = NTK-aware scaling (raise the base, not the positions).
+    # Length extension: "linear" = position interpolation (positions / factor), "ntk" = NTK-aware scaling
+    # (raise the base, not the positions); model/rope.py implements them
     rope_scaling: str | None = None
     rope_factor: float = 1.0
     max_seq_len: int = 4096
@@ -72,120 +88,8 @@ class ModelConfig:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
-    @property
-    def rope_base(self) -> float:
-        """The rotary base actually used. NTK-aware scaling (seed 002) raises it so that the lowest
-        frequency stretches by the factor while the highest barely moves: base · factor^(D/(D-2))."""
-        if self.rope_scaling == "ntk":
-            return self.rope_theta * self.rope_factor ** (self.head_dim / (self.head_dim - 2))
-        return self.rope_theta
-
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-    # ---- Hugging Face config.json ----
-
-    def to_hf(self) -> dict:
-        arch = FAMILIES[self.model_type]
-        d = {
-            "architectures": [arch],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "intermediate_size": self.ffn_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_seq_len,
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_base,  # HF has no static NTK type: it is just this larger base
-            "rope_scaling": self._hf_rope_scaling(),
-            "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "initializer_range": 0.02,
-            "torch_dtype": "float32",
-        }
-        if self.model_type == "llama":
-            if self.qkv_bias:
-                raise UserError("a llama config.json cannot express a q/k/v-only bias; use model_type qwen2")
-            d |= {"attention_bias": False, "mlp_bias": False}
-        elif self.model_type == "qwen2":
-            if not self.qkv_bias:
-                raise UserError("Qwen2 always has q/k/v biases; set qkv_bias=True or use model_type llama")
-            d |= {"use_sliding_window": self.sliding_window is not None,
-                  "sliding_window": self.sliding_window, "max_window_layers": 0}
-        elif self.model_type == "mistral":
-            d["sliding_window"] = self.sliding_window
-        return d
-
-    def _hf_rope_scaling(self):
-        if self.rope_scaling == "linear":
-            return {"rope_type": "linear", "factor": self.rope_factor}
-        return None
-
-    @classmethod
-    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
-        model_type = d.get("model_type", "llama")
-        if model_type not in FAMILIES:
-            raise UserError(f"{source}: model_type {model_type!r} is not supported; use one of {', '.join(FAMILIES)}")
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in d:
-                raise UserError(f"{source}: missing field {key!r}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (Llama uses silu)")
-        if d.get("attention_bias") or d.get("mlp_bias"):
-            raise UserError(f"{source}: attention_bias/mlp_bias on a llama model is not supported")
-        n_heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim")
-        if head_dim is not None and head_dim * n_heads != d["hidden_size"]:
-            raise UserError(f"{source}: head_dim {head_dim} x {n_heads} heads != hidden_size {d['hidden_size']}")
-        rope = d.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
-        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        kind, factor = None, 1.0
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("linear",):
-                raise UserError(f"{source}: rope_scaling type {kind!r} is not supported (use linear)")
-            factor = float(scaling["factor"])
-        window = d.get("sliding_window")
-        if model_type == "qwen2" and not d.get("use_sliding_window", False):
-            window = None
-        return cls(
-            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=d.get("num_key_value_heads") or n_heads, hidden_dim=d.get("intermediate_size"),
-            norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=kind, rope_factor=factor,
-            max_seq_len=d.get("max_position_embeddings", 2048),
-            tie_embeddings=d.get("tie_word_embeddings", model_type == "qwen2"),
-            qkv_bias=model_type == "qwen2", sliding_window=window, model_type=model_type,
-            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
-        """Read a config.json (Hugging Face keys) or our own field names from a JSON file."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise UserError(f"{path}: no such config file")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-        if "hidden_size" in d:
-            return cls.from_hf(d, str(path))
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise UserError(f"{path}: unknown config fields {sorted(unknown)}")
-        return cls(**d)
-
-    def save(self, folder: str | Path) -> None:
-        Path(folder, "config.json").write_text(json.dumps(self.to_hf(), indent=2) + "\n")
 
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -218,3 +122,113 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+# ---- training ----
+
+@dataclass
+class TrainConfig:
+    """Everything `minillama train` takes; defaults follow llama2.c."""
+    corpus: list[str] = option([], "built-in, text file, folder or .jsonl", nargs="+", required=True)
+    out: str = option("", "run folder: tokenizer, data, checkpoints, log.jsonl, loss.png", required=True)
+    preset: str | None = option(None, "model shape by name (tiny, stories15M, ...)")
+    config: str | None = option(None, "model shape from a config JSON (HF config.json or our fields)")
+    vocab_size: int | None = option(None, "train a SentencePiece BPE tokenizer of this size into RUN/tokenizer")
+    tokenizer: str | None = option(None, "use this tokenizer (folder, .model, tokenizer.json, .gguf)")
+    seq_len: int = option(256, "T: tokens per training window (the model's max_seq_len)")
+    batch_size: int = option(32, "B: windows per optimizer step, over all processes")
+    micro_batch_size: int | None = option(None, "windows per forward pass (accumulating gradients); "
+                                                "default B / processes")
+    max_steps: int | None = option(None, "optimizer steps")
+    time_budget: str | None = option(None, "train this long (90s, 5m, 1h30m); the cosine is planned from the "
+                                           "speed of the first steps")
+    lr: float = option(5e-4, "peak learning rate")
+    warmup_steps: int | None = option(None, "linear warmup steps; default 100, or a tenth of a run shorter than "
+                                            "1,000 steps")
+    min_lr: float | None = option(None, "learning rate at the end of the cosine; default lr / 10")
+    weight_decay: float = option(0.1, "AdamW weight decay on matmul weights")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_every: int = option(100, "validation loss every N steps")
+    eval_steps: int = option(10, "validation batches per evaluation")
+    seed: int = option(1337, "weights and the order of training windows")
+    save_every: int | None = option(None, "checkpoint every N steps; default at each evaluation")
+    keep: int = option(2, "keep the last K step checkpoints (RUN/final is kept too)")
+    resume: bool = option(False, "continue from the newest checkpoint in RUN")
+    dtype: str = option("float32", "float32, or bfloat16 autocast (weights and optimizer stay float32)",
+                        choices=["float32", "bfloat16"])
+    compile: bool = option(False, "torch.compile each decoder layer")
+    activation_checkpointing: bool = option(False, "recompute each layer's activations in backward")
+    fsdp: bool = option(False, "shard weights, gradients and optimizer state across processes (FSDP2)")
+    val_fraction: float = option(0.05, "documents held out for validation")
+    data_dir: str | None = option(None, "token shard cache; default RUN/data")
+
+    def check(self, world_size: int = 1) -> None:
+        """Raise UserError naming the first bad field; called before any work starts."""
+        if not self.corpus:
+            raise UserError("no corpus: give --corpus SPEC (a built-in name, a file, a folder or a .jsonl)")
+        if not self.out:
+            raise UserError("no run folder: give --out RUN")
+        if (self.preset is None) == (self.config is None):
+            raise UserError("give exactly one of --preset NAME and --config FILE for the model shape")
+        if self.vocab_size is not None and self.tokenizer is not None:
+            raise UserError("give --vocab-size N (train a tokenizer) or --tokenizer PATH, not both")
+        if self.max_steps is None and self.time_budget is None:
+            raise UserError("give --max-steps N or --time-budget DURATION")
+        for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_every", "eval_steps",
+                     "save_every", "keep", "vocab_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.lr <= 0 or (self.warmup_steps or 0) < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError("--lr must be positive; --warmup-steps, --grad-clip and --weight-decay not negative")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"--dtype {self.dtype!r}: use float32 or bfloat16")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+        if self.fsdp and world_size == 1:
+            raise UserError("--fsdp shards across processes: run under torchrun --nproc_per_node N")
+        micro = self.micro_batch_size or self.batch_size // world_size
+        if self.batch_size % (world_size * micro):
+            raise UserError(f"--batch-size {self.batch_size} must be a multiple of processes ({world_size}) x "
+                            f"--micro-batch-size ({micro})")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '5m', '1h30m' or plain seconds -> seconds."""
+    parts = re.fullmatch(r"((\d+(\.\d+)?)([hms]?))+", text.strip())
+    if not parts:
+        raise UserError(f"--time-budget {text!r}: write a duration like 90s, 5m or 1h30m")
+    units = {"h": 3600, "m": 60, "s": 1, "": 1}
+    return sum(float(n) * units[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)([hms]?)", text))
+
+
+# ---- generation ----
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What to generate: how many tokens, how to sample them, when to stop."""
+    max_new_tokens: int = option(256, "tokens to generate at most", metavar="N")
+    temperature: float = option(0.8, "0 = greedy", metavar="T")
+    top_k: int = option(0, "sample among the k most likely tokens (0 = off)", metavar="K")
+    top_p: float = option(1.0, "nucleus: the smallest set with this mass (1 = off)", metavar="P")
+    min_p: float = option(0.0, "drop tokens below min_p x the best one (0 = off)", metavar="P")
+    repetition_penalty: float = option(1.0, "CTRL penalty on seen tokens (1 = off)", metavar="R")
+    seed: int | None = option(None, "seed of the sampler, for reproducible output", metavar="S")
+    stop_ids: tuple[int, ...] = option((), "stop on these ids besides the tokenizer's EOS ids", cli=False)
+    stop_strings: tuple[str, ...] = option((), "stop string (repeatable)", flag="--stop", metavar="TEXT")
+    ignore_eos: bool = option(False, "keep generating past the end-of-sequence token")
+
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1] (0 = off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = off)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise UserError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        if any(s == "" for s in self.stop_strings):
+            raise UserError("stop strings must not be empty")

@@ -17,57 +17,73 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from minillama.config import UserError
+from minillama.checkpoint.atomic import write_atomic
+from minillama.config import GenerationConfig, TrainConfig, UserError, option, parse_duration
+from minillama.train.loop import train
 
 MARKER = "quickstart.json"  # a folder holding this was written by quickstart and may be replaced
 
-# The default shape, from measurements on 2 cores (bfloat16, vocabulary 2048, batch 16 x 256). Widths
-# 128, 192 and 256 (4 layers) train at ~15k, ~12k and ~9k tokens/s and learn about equally much per token
-# at this scale, so the narrowest sees the most text in the time and ends best. Scored as below (n-gram
-# 34.5): width 256 after 3.0M tokens 34.1; width 192 after 2.25M 41.0, after 4.5M 30.8; width 128 (1.1M
-# weights) after 6.4M tokens (3.4 epochs, ~7 minutes) 29.1.
-DEFAULTS = {"corpus": "shakespeare", "vocab_size": 2048, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": None,
-            "hidden_dim": 384, "seq_len": 256, "batch_size": 16, "lr": 3e-3, "warmup_steps": 20}
+
+@dataclass
+class QuickstartConfig:
+    """Everything `minillama quickstart` takes. The default shape, from measurements on 2 cores (bfloat16,
+    vocabulary 2048, batch 16 x 256): widths 128, 192 and 256 (4 layers) train at ~15k, ~12k and ~9k
+    tokens/s and learn about equally much per token at this scale, so the narrowest sees the most text in
+    the time and ends best. Scored as below (n-gram 34.5): width 256 after 3.0M tokens 34.1; width 192
+    after 2.25M 41.0, after 4.5M 30.8; width 128 (1.1M weights) after 6.4M tokens (3.4 epochs) 29.1."""
+    out: str = option("runs/quickstart", "run folder", metavar="RUN")
+    time_budget: str = option("8m", "wall time of the whole command")
+    corpus: str = option("shakespeare", "corpus spec", metavar="SPEC")
+    vocab_size: int = option(2048, "tokenizer size")
+    preset: str | None = option(None, "a named model shape instead of --dim ... (e.g. tiny)")
+    dim: int = option(128, "model width")
+    n_layers: int = option(4, "decoder layers")
+    n_heads: int = option(4, "query heads")
+    n_kv_heads: int | None = option(None, "key/value heads (default: n_heads)")
+    hidden_dim: int | None = option(384, "SwiGLU width")
+    seq_len: int = option(256, "tokens per training window")
+    batch_size: int = option(16, "windows per step")
+    lr: float = option(3e-3, "peak learning rate")
+    warmup_steps: int = option(20, "linear warmup steps")
+    dtype: str = option("bfloat16", "training precision (bfloat16 autocast; float32 where the CPU lacks bf16)",
+                        choices=["float32", "bfloat16"])
+    compile: bool = option(False, "torch.compile each decoder layer")
+    ngram_orders: list[int] = option([2, 3, 4, 5], "n-gram orders to fit; the best is the baseline", metavar="N")
+    prompt: str = option("ROMEO.\n", "the sample's prompt")
+    sample_tokens: int = option(200, "tokens to sample")
+    seed: int = option(1337, "weights, data order and sampling")
 
 
-def quickstart(out: str = "runs/quickstart", time_budget: str = "8m", *, corpus: str = DEFAULTS["corpus"],
-               vocab_size: int = DEFAULTS["vocab_size"], preset: str | None = None, dim: int = DEFAULTS["dim"],
-               n_layers: int = DEFAULTS["n_layers"], n_heads: int = DEFAULTS["n_heads"],
-               n_kv_heads: int | None = None, hidden_dim: int | None = DEFAULTS["hidden_dim"],
-               seq_len: int = DEFAULTS["seq_len"], batch_size: int = DEFAULTS["batch_size"],
-               lr: float = DEFAULTS["lr"], warmup_steps: int = DEFAULTS["warmup_steps"],
-               dtype: str = "bfloat16", compile: bool = False, ngram_orders: tuple[int, ...] = (2, 3, 4, 5),
-               prompt: str = "ROMEO.\n", sample_tokens: int = 200, seed: int = 1337) -> dict:
+def quickstart(q: QuickstartConfig = QuickstartConfig()) -> dict:
     """Train, sample, compare; print as it goes and return the summary also written to RUN/quickstart.json.
-    time_budget is the whole command's wall time; training gets what the other stages leave."""
-    from minillama.train import TrainConfig, parse_duration, train
-
+    q.time_budget is the whole command's wall time; training gets what the other stages leave."""
     start = time.perf_counter()
-    training = _training_seconds(parse_duration(time_budget))  # a bad budget fails before any work
-    run = _fresh_run_folder(Path(out))
-    if preset is None:  # our own shape: a config file of ModelConfig fields (vocab and T come from train)
-        shape = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-                 "hidden_dim": hidden_dim, "tie_embeddings": True}
-        (run / "model.json").write_text(json.dumps(shape, indent=1) + "\n")
-    config = TrainConfig(corpus=[corpus], out=str(run), preset=preset,
-                         config=None if preset else str(run / "model.json"), vocab_size=vocab_size,
-                         seq_len=seq_len, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+    training = _training_seconds(parse_duration(q.time_budget))  # a bad budget fails before any work
+    run = _fresh_run_folder(Path(q.out))
+    if q.preset is None:  # our own shape: a config file of ModelConfig fields (vocab and T come from train)
+        shape = {"dim": q.dim, "n_layers": q.n_layers, "n_heads": q.n_heads, "n_kv_heads": q.n_kv_heads,
+                 "hidden_dim": q.hidden_dim, "tie_embeddings": True}
+        write_atomic(run / "model.json", json.dumps(shape, indent=1) + "\n")
+    config = TrainConfig(corpus=[q.corpus], out=str(run), preset=q.preset,
+                         config=None if q.preset else str(run / "model.json"), vocab_size=q.vocab_size,
+                         seq_len=q.seq_len, batch_size=q.batch_size, lr=q.lr, warmup_steps=q.warmup_steps,
                          time_budget=f"{training:.0f}s", eval_every=100, eval_steps=4,
-                         seed=seed, dtype=dtype, compile=compile)
+                         seed=q.seed, dtype=q.dtype, compile=q.compile)
     config.check()
-    print(f"quickstart: {corpus}, budget {time_budget} ({config.time_budget} of training), writing {run}",
+    print(f"quickstart: {q.corpus}, budget {q.time_budget} ({config.time_budget} of training), writing {run}",
           file=sys.stderr)
     result = train(config)
     summary = {"config": dataclasses.asdict(config), "steps": result.steps, "train_loss": result.loss,
                "train_tokens_per_s": result.tokens_per_s}
-    summary |= compare(run, result.checkpoint, seq_len, ngram_orders)
-    summary["sample"] = sample(result.checkpoint, prompt, sample_tokens, seed)
+    summary |= compare(run, result.checkpoint, q.seq_len, q.ngram_orders)
+    summary["sample"] = sample(result.checkpoint, q.prompt, q.sample_tokens, q.seed)
     summary["seconds"] = time.perf_counter() - start
-    _write_summary(run, summary)
+    write_atomic(run / MARKER, json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
 
@@ -91,7 +107,7 @@ def _fresh_run_folder(run: Path) -> Path:
         print(f"note: replacing the previous quickstart run in {run}", file=sys.stderr)
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
-    (run / MARKER).write_text("{}\n")  # claimed at once, so an interrupted run can be replaced too
+    write_atomic(run / MARKER, "{}\n")  # claimed at once, so an interrupted run can be replaced too
     return run
 
 
@@ -99,9 +115,9 @@ def compare(run: Path, checkpoint: Path, seq_len: int, ngram_orders) -> dict:
     """Validation perplexity of the trained model and of n-gram models fitted on the same training tokens,
     over the same validation tokens (every token of RUN/data/val but the first)."""
     from minillama.checkpoint import load_model
-    from minillama.data import TokenShards
-    from minillama.evaluate import perplexity
-    from minillama.ngram import NGramLM
+    from minillama.data.shards import TokenShards
+    from minillama.evaluate.ngram import NGramLM
+    from minillama.evaluate.perplexity import perplexity
 
     train_ids, val_ids = TokenShards(run / "data" / "train").tokens(), TokenShards(run / "data" / "val").tokens()
     model = load_model(checkpoint).eval()
@@ -125,18 +141,13 @@ def compare(run: Path, checkpoint: Path, seq_len: int, ngram_orders) -> dict:
 
 def sample(checkpoint: Path, prompt: str, max_new_tokens: int, seed: int) -> str:
     """A seeded continuation of the prompt from the trained model (generate.generate)."""
-    from minillama.generate import GenerationConfig, generate, load_model_and_tokenizer
+    from minillama.checkpoint import load_model_and_tokenizer
+    from minillama.infer.stream import generate
 
     model, tokenizer = load_model_and_tokenizer(str(checkpoint))
     params = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, top_p=0.95, seed=seed)
     [completion], _ = generate(model, tokenizer, [prompt], params)
     return prompt + completion.text
-
-
-def _write_summary(run: Path, summary: dict) -> None:
-    tmp = run / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    tmp.replace(run / MARKER)
 
 
 def print_summary(s: dict, run: Path) -> None:
@@ -156,37 +167,17 @@ def print_summary(s: dict, run: Path) -> None:
           f"model {run / 'final'}")
 
 
-def run_quickstart(args) -> int:
-    s = quickstart(args.out, args.time_budget, corpus=args.corpus, vocab_size=args.vocab_size, preset=args.preset,
-                   dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                   hidden_dim=args.hidden_dim, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                   warmup_steps=args.warmup_steps, dtype=args.dtype, compile=args.compile,
-                   ngram_orders=tuple(args.ngram_orders), prompt=args.prompt, sample_tokens=args.sample_tokens,
-                   seed=args.seed)
+def quickstart_flags(p) -> None:
+    from minillama.cli import add_fields
+
+    p.description = ("Tokenizer, data, training, a sample and the validation perplexity of the model against a "
+                     "Kneser-Ney n-gram baseline, within a time budget. Exits 1 if the model does not beat it.")
+    add_fields(p, QuickstartConfig)
+
+
+def quickstart_command(args) -> int:
+    from minillama.cli import from_fields
+
+    s = quickstart(from_fields(QuickstartConfig, args))
     print_summary(s, Path(args.out))
     return 0 if s["model_wins"] else 1
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("quickstart", help="train a small model on Shakespeare, sample it, beat an n-gram",
-                              description="Tokenizer, data, training, a sample and the validation perplexity of "
-                                          "the model against a Kneser-Ney n-gram baseline, within a time budget. "
-                                          "Exits 1 if the model does not beat the baseline.")
-    p.add_argument("--out", default="runs/quickstart", metavar="RUN", help="run folder (default runs/quickstart)")
-    p.add_argument("--time-budget", default="8m", help="wall time of the whole command (default 8m)")
-    p.add_argument("--corpus", default=DEFAULTS["corpus"], metavar="SPEC", help="default shakespeare")
-    p.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"], help="tokenizer size (default 2048)")
-    p.add_argument("--preset", default=None, help="a named model shape instead of --dim ... (e.g. tiny)")
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "seq_len", "batch_size", "warmup_steps"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=DEFAULTS[name],
-                       help=f"default {DEFAULTS[name]}")
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"peak learning rate (default {DEFAULTS['lr']})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                   help="training precision (default bfloat16 autocast; float32 where the CPU lacks bf16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    p.add_argument("--ngram-orders", type=int, nargs="+", default=[2, 3, 4, 5], metavar="N",
-                   help="n-gram orders to fit; the best is the baseline (default 2 3 4 5)")
-    p.add_argument("--prompt", default="ROMEO.\n", help="the sample's prompt")
-    p.add_argument("--sample-tokens", type=int, default=200, help="tokens to sample (default 200)")
-    p.add_argument("--seed", type=int, default=1337, help="weights, data order and sampling")
-    p.set_defaults(run=run_quickstart)

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from minillama.assets import smollm2_gguf
+    from minillama.data.assets import smollm2_gguf
 
     return smollm2_gguf()
 
@@ -34,3 +34,25 @@ def hf_smollm2(smollm2_path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_path.parent, gguf_file=smollm2_path.name, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def vocab_dir():
+    from minillama.data import assets
+
+    return assets.llama_cpp_vocab_dir()
+
+
+@pytest.fixture(scope="session")
+def gguf_vocab(vocab_dir):
+    """load("qwen2") -> the tokenizer of ggml-vocab-qwen2.gguf, loaded once per test session."""
+    loaded = {}
+
+    def load(name):
+        from minillama.tokenizer import load_tokenizer
+
+        if name not in loaded:
+            loaded[name] = load_tokenizer(vocab_dir / f"ggml-vocab-{name}.gguf")
+        return loaded[name]
+
+    return load

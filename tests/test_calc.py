@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 
-from minillama.calc import count_params, flops_per_token, memory_estimate
+from minillama.checkpoint.hf import config_to_hf
 from minillama.cli import main
 from minillama.config import PRESETS, preset
+from minillama.model.calc import count_params, flops_per_token, memory_estimate
 
 # published totals: Llama 2 paper / Hugging Face model cards
 EXACT = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama2-70b": 68_976_648_192}
@@ -76,7 +77,7 @@ def test_unknown_preset_is_one_line(capsys):
 
 
 def test_config_file_and_folder(tmp_path, capsys):
-    preset("stories15M").save(tmp_path)  # HF config.json
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(preset("stories15M"))))  # HF config.json
     assert main(["params", str(tmp_path), "--json"]) == 0
     from_folder = json.loads(capsys.readouterr().out)["params"]["total"]
     assert main(["params", str(tmp_path / "config.json"), "--json"]) == 0

@@ -3,9 +3,9 @@
 import pytest
 from test_generate import FakeTokenizer, ScriptedModel, cli_run, script_of, tiny_folder  # noqa: F401
 
-from minillama.chat import chat_loop, fit_history, reply
-from minillama.config import UserError
-from minillama.generate import GenerationConfig
+from minillama.config import GenerationConfig, UserError
+from minillama.infer.chat import chat_loop, fit_history, reply
+from minillama.infer.templates import render_chat
 
 GREEDY = GenerationConfig(max_new_tokens=20, temperature=0)
 
@@ -20,7 +20,7 @@ def conversation(turns, system="be brief"):
 def test_fit_history_drops_the_oldest_turns_and_keeps_the_system_message():
     tok = FakeTokenizer()
     messages = conversation(3)
-    full = len(tok.encode(tok.apply_chat_template(messages), bos=False))
+    full = len(tok.encode(render_chat(tok, messages), bos=False))
     notices = []
     ids = fit_history(tok, messages, full - 1, notices.append)
     assert len(ids) <= full - 1
@@ -33,7 +33,7 @@ def test_fit_history_drops_the_oldest_turns_and_keeps_the_system_message():
 def test_fit_history_keeps_a_fitting_conversation_and_rejects_one_message_too_long():
     tok = FakeTokenizer()
     messages = conversation(2, system=None)
-    rendered = tok.encode(tok.apply_chat_template(messages), bos=False)
+    rendered = tok.encode(render_chat(tok, messages), bos=False)
     assert fit_history(tok, list(messages), 10_000) == rendered
     with pytest.raises(UserError, match="shorten it"):
         fit_history(tok, conversation(2), 5)
@@ -52,14 +52,14 @@ def test_reply_streams_the_answer_and_records_it():
 def test_chat_loop_commands_reset_and_context_overflow():
     model = ScriptedModel(script_of("ok", end=(258,)), max_seq_len=140)  # two turns fit, three do not
     prompt_lengths = []
-    real_forward = model.model.forward
+    real_forward = model.hidden_states
 
     def recording(ids, mask, cache):  # the prompt length of every prefill tells what history was sent
-        if cache.length == 0:
+        if cache is not model.cache:
             prompt_lengths.append(ids.shape[1])
         return real_forward(ids, mask, cache)
 
-    model.model.forward = recording
+    model.hidden_states = recording
     lines = iter(["hello", "/bogus", "", "hello", "/reset", "hello", "hello", "hello", "x" * 200, "/exit",
                   "never read"])
     written, notices = [], []
@@ -108,7 +108,7 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_folder, capsys, extra):  # noq
 
 
 def test_cli_once_smollm2_knows_the_capital_of_france(capsys):
-    from minillama.assets import smollm2_gguf
+    from minillama.data.assets import smollm2_gguf
 
     code, out, err = cli_run(capsys, "chat", str(smollm2_gguf()), "--once", "What is the capital of France?",
                              "--temperature", "0", "--max-new-tokens", "48")

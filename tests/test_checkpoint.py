@@ -385,7 +385,7 @@ def test_convert_cli_bad_input_exits_2_with_one_line(case, bad, tmp_path, capsys
 
 def test_public_api_saves_and_loads_model_and_tokenizer(tmp_path):
     import minillama
-    from minillama.assets import llama_cpp_vocab_dir
+    from minillama.data.assets import llama_cpp_vocab_dir
 
     tok = minillama.load_tokenizer(llama_cpp_vocab_dir() / "ggml-vocab-llama-spm.gguf")
     model = minillama.Llama(minillama.preset("tiny").replace(vocab_size=tok.vocab_size)).init_weights(0)

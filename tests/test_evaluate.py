@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minillama.cli import main
 from minillama.config import UserError, preset
-from minillama.evaluate import evaluate_text, perplexity, windows
+from minillama.evaluate.perplexity import evaluate_text, perplexity, windows
 from minillama.model import Llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub

@@ -9,10 +9,15 @@ import torch
 from torch import nn
 
 from minillama import cli
-from minillama import generate as gen
-from minillama.config import ModelConfig, UserError
-from minillama.generate import GenerationConfig, IncrementalText, filter_logits, generate_ids, sample
-from minillama.model import Llama
+from minillama.checkpoint.load import resolve_model_path
+from minillama.config import GenerationConfig, ModelConfig, UserError
+from minillama.infer import generate as gen
+from minillama.infer import sampling
+from minillama.infer import stream as text_layer
+from minillama.infer.generate import generate_ids
+from minillama.infer.sampling import filter_logits, sample
+from minillama.infer.stream import IncrementalText
+from minillama.model import KVCache, Llama
 
 CONFIGS = {
     "gqa": ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64),
@@ -68,41 +73,36 @@ class FakeTokenizer:
                 buf = bytearray()
         return "".join(out) + buf.decode(errors="replace")
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        text = "".join(f"<{m['role']}>{m['content']}<|im_end|>" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
-
-
-class ScriptedDecoder(nn.Module):
-    """Stands in for LlamaModel: the n-th generated token of every row is script[n], whatever the prompt
-    (its one-hot hidden states are the logits)."""
-
-    def __init__(self, script, vocab_size):
-        super().__init__()
-        self.script, self.vocab_size = list(script), vocab_size
-        self.embed_tokens = nn.Embedding(1, 1)  # the generator reads the device and dtype from it
-        self.prompt_len = 0
-
-    def forward(self, ids, mask, cache):
-        B, T = ids.shape
-        if cache.length == 0:
-            self.prompt_len = T
-        n = cache.length + T - self.prompt_len  # tokens generated before the one this step predicts
-        cache.length += T
-        h = torch.zeros(B, T, self.vocab_size)  # (B, T, V)
-        h[:, -1, self.script[min(n, len(self.script) - 1)]] = 1.0
-        return h
+    # what infer/templates.py reads: a jinja template and the special tokens
+    chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|im_end|>{% endfor %}"
+                     "{% if add_generation_prompt %}<assistant>{% endif %}")
+    bos_token, eos_token = "<bos>", "<eos>"
 
 
 class ScriptedModel(nn.Module):
-    """Stands in for a Llama whose output follows a script, so the text layer can be tested exactly."""
+    """Stands in for a Llama through the surface the generator uses (config, new_cache, hidden_states,
+    logits): the n-th generated token of every row is script[n], whatever the prompt."""
 
     def __init__(self, script, vocab_size=259, max_seq_len=1024):
         super().__init__()
         self.config = ModelConfig(vocab_size=vocab_size, dim=8, n_layers=1, n_heads=1, hidden_dim=8,
                                   max_seq_len=max_seq_len)
-        self.model = ScriptedDecoder(script, vocab_size)
-        self.lm_head = nn.Identity()  # hidden states are already the logits
+        self.script = list(script)
+        self.cache, self.generated = None, 0  # the cache of the current generation; tokens since its prefill
+
+    def new_cache(self, batch_size, max_len):
+        return KVCache(self.config, batch_size, max_len)
+
+    def hidden_states(self, ids, mask, cache):
+        B, T = ids.shape
+        self.generated = self.generated + 1 if cache is self.cache else 0  # a new cache: a new prefill
+        self.cache = cache
+        h = torch.zeros(B, T, self.config.vocab_size)  # (B, T, V): one-hot hidden states are the logits
+        h[:, -1, self.script[min(self.generated, len(self.script) - 1)]] = 1.0
+        return h
+
+    def logits(self, hidden):
+        return hidden
 
 
 def script_of(text, end=(257,)):
@@ -150,13 +150,13 @@ def test_rows_finishing_early_leave_the_others_unchanged():
     stop = {full[0][3], full[2][1]}  # makes rows finish at different steps
     alone = [run(model, [p], GREEDY, stop)[0] for p in prompts]
     rows_per_call = []
-    decoder_forward = model.model.forward
+    hidden_states = model.hidden_states
 
     def recording(ids, mask, cache):
         rows_per_call.append(ids.shape[0])
-        return decoder_forward(ids, mask, cache)
+        return hidden_states(ids, mask, cache)
 
-    model.model.forward = recording
+    model.hidden_states = recording
     assert run(model, prompts, GREEDY, stop) == alone
     assert alone[0] == full[0][:full[0].index(full[0][3])]
     assert any(len(a) < GREEDY.max_new_tokens for a in alone)
@@ -231,7 +231,7 @@ def test_sample_draws_only_from_the_kept_set_and_greedy_is_argmax():
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     seen = torch.tensor([[True, True, False]])
-    assert gen.apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+    assert sampling.apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
     # penalty 4: token 0 goes 2 -> 0.5 and loses to the unseen token 2
     config = GenerationConfig(temperature=0, repetition_penalty=4.0)
     assert sample(logits, config, seen=seen).tolist() == [2]
@@ -263,7 +263,7 @@ def test_prompts_past_the_context_are_user_errors():
 def stream_texts(script, config=GREEDY, prompts=("hi",), tokenizer=None):
     """Pieces per row from a scripted model."""
     tokenizer = tokenizer or FakeTokenizer()
-    pieces = list(gen.stream(ScriptedModel(script, tokenizer.vocab_size), tokenizer, list(prompts), config))
+    pieces = list(text_layer.stream(ScriptedModel(script, tokenizer.vocab_size), tokenizer, list(prompts), config))
     return [[p for p in pieces if p.row == row] for row in range(len(prompts))]
 
 
@@ -297,12 +297,12 @@ def test_stop_strings_end_the_text_before_them_and_hold_back_partial_matches():
 
 def test_eos_stop_ids_ignore_eos_and_max_new_tokens():
     script = script_of("hi!", end=(258,)) + list(b"more") + [257]
-    completions, _ = gen.generate(ScriptedModel(script), FakeTokenizer(), ["x"], GenerationConfig(temperature=0))
+    completions, _ = text_layer.generate(ScriptedModel(script), FakeTokenizer(), ["x"], GenerationConfig(temperature=0))
     assert completions[0].text == "hi!" and completions[0].finish_reason == "stop"
     config = GenerationConfig(temperature=0, stop_ids=(ord("!"),))
-    assert gen.generate(ScriptedModel(script), FakeTokenizer(), ["x"], config)[0][0].text == "hi"
+    assert text_layer.generate(ScriptedModel(script), FakeTokenizer(), ["x"], config)[0][0].text == "hi"
     config = GenerationConfig(temperature=0, ignore_eos=True, max_new_tokens=8)
-    c = gen.generate(ScriptedModel(script), FakeTokenizer(), ["x"], config)[0][0]
+    c = text_layer.generate(ScriptedModel(script), FakeTokenizer(), ["x"], config)[0][0]
     assert c.text == "hi!<|im_end|>more" and c.finish_reason == "length"
 
 
@@ -367,10 +367,25 @@ def test_cli_help(command, capsys):
     assert exit.value.code == 0 and "--temperature" in capsys.readouterr().out
 
 
-def test_resolve_model_path_knows_smollm2():
-    from minillama.assets import smollm2_gguf
+def test_cli_prompt_ids_need_no_tokenizer(tiny_folder, tmp_path, capsys):
+    import shutil
 
-    assert gen.resolve_model_path("smollm2") == smollm2_gguf()
+    bare = tmp_path / "bare"  # the checkpoint without its tokenizer files
+    shutil.copytree(tiny_folder, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    args = ["generate", "--max-new-tokens", "5", "--temperature", "0", "--ignore-eos", "--prompt-ids", "1,2,3"]
+    code, out, err = cli_run(capsys, *args[:1], str(bare), *args[1:])
+    assert code == 0 and "tok/s" in err
+    ids = [int(i) for i in out.strip().split(",")]
+    code, with_tokenizer, _ = cli_run(capsys, *args[:1], tiny_folder, *args[1:], "--json")
+    assert ids == json.loads(with_tokenizer)["tokens"] and len(ids) == 5  # the same ids, printed as ids
+    code, out, err = cli_run(capsys, "generate", str(bare), "--prompt", "hi")  # text does need one
+    assert code == 2 and "no tokenizer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resolve_model_path_knows_smollm2():
+    from minillama.data.assets import smollm2_gguf
+
+    assert resolve_model_path("smollm2") == smollm2_gguf()
 
 
 @pytest.mark.parametrize("extra", [
@@ -412,9 +427,9 @@ def test_smollm2_batched_equals_one_by_one(smollm2):
     model, tokenizer = smollm2
     prompts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived", "1, 2, 3,"]
     config = GenerationConfig(max_new_tokens=16, temperature=0, ignore_eos=True)
-    batched, _ = gen.generate(model, tokenizer, prompts, config)
+    batched, _ = text_layer.generate(model, tokenizer, prompts, config)
     for prompt, c in zip(prompts, batched):
-        alone, _ = gen.generate(model, tokenizer, [prompt], config)
+        alone, _ = text_layer.generate(model, tokenizer, [prompt], config)
         assert alone[0].tokens == c.tokens
         assert alone[0].text == c.text == tokenizer.decode(c.tokens)
     assert "Paris" in batched[0].text

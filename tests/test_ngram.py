@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from minillama.cli import main
 from minillama.config import UserError
-from minillama.ngram import NGramLM
+from minillama.evaluate.ngram import NGramLM
 
 # bigrams: (0,1) x3, (1,2) x2, (2,0), (1,3), (3,0); left contexts of 0: {2, 3}, of 1: {0}, of 2, 3: {1}
 TOY = [0, 1, 2, 0, 1, 3, 0, 1, 2]
@@ -155,7 +155,7 @@ class DigitTokenizer:
 
 
 def test_cli_prints_the_perplexity_of_each_order(tmp_path, capsys):
-    from minillama.data import write_shards
+    from minillama.data.shards import write_shards
 
     write_shards(["0123456789" * 30] * 5, DigitTokenizer(), tmp_path / "data" / "train", workers=1)
     write_shards(["0123456789" * 3], DigitTokenizer(), tmp_path / "data" / "val", workers=1)

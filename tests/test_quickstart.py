@@ -18,7 +18,7 @@ TINY = ["--time-budget", "30s", "--vocab-size", "512", "--dim", "64", "--n-layer
 @pytest.fixture(scope="module")
 def plays(tmp_path_factory):
     """Six plays as a corpus folder: five to train on, one held out."""
-    from minillama.corpus import load_corpus
+    from minillama.data.corpus import load_corpus
 
     folder = tmp_path_factory.mktemp("plays")
     for doc in load_corpus("shakespeare")[:6]:
@@ -51,7 +51,7 @@ def test_tiny_quickstart_end_to_end(plays, tmp_path, capsys):
     assert set(summary["ngram_perplexities"]) == {"2", "3"}
     assert summary["ngram_perplexity"] == min(summary["ngram_perplexities"].values())
     # both scored every validation token but the first
-    from minillama.data import TokenShards
+    from minillama.data.shards import TokenShards
 
     assert summary["val_tokens"] == TokenShards(run / "data" / "val").num_tokens - 1
     assert summary["sample"].startswith("ROMEO.\n") and len(summary["sample"]) > len("ROMEO.\n")
@@ -91,17 +91,3 @@ def test_default_quickstart_beats_the_ngram(tmp_path, capsys):
     summary = json.loads((run / "quickstart.json").read_text())
     check_report(out, summary, code)
     assert code == 0 and summary["model_wins"]
-
-
-# ---- `minillama bench train` (bench/train.py) runs end to end; it measures, the lead reads the numbers ----
-
-def test_bench_train_smoke(capsys):
-    pytest.importorskip("transformers")
-    args = ["bench", "train", "--preset", "stories260K", "--batch-size", "2", "--seq-len", "32", "--steps", "1",
-            "--rounds", "1", "--warmup", "0", "--dtypes", "float32", "--no-compile"]
-    assert main(args) == 0  # it raises if the contenders' first losses differ (same weights, same task)
-    out = capsys.readouterr().out
-    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("float32 ")}
-    assert set(rows) == {"transformers", "minillama", "matmul"}
-    assert rows["transformers"][3] == "1.00x"
-    assert float(rows["transformers"][6]) == pytest.approx(float(rows["minillama"][6]), abs=1e-3)  # first loss

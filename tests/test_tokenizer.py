@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from minillama import assets
 from minillama.config import UserError
-from minillama.tokenizer import Tokenizer, load_tokenizer
+from minillama.infer.templates import render_chat
+from minillama.tokenizer import load_tokenizer
 
 # llama.cpp's vocabularies with test vectors that our two tokenizer kinds cover: SentencePiece ("llama")
 # and byte-level BPE ("gpt2") with the pre-tokenizer regex of each tokenizer.ggml.pre.
@@ -22,24 +22,6 @@ STRINGS = [
     "12345 + 3.14 = 12348.14", "Äpfel für 3,50 €", "<|im_start|>user\nhi<|im_end|>", "<s>[INST] hi [/INST]", "",
 ]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def vocab_dir():
-    return assets.llama_cpp_vocab_dir()
-
-
-@pytest.fixture(scope="module")
-def gguf_vocab(vocab_dir):
-    """load("qwen2") -> the tokenizer of ggml-vocab-qwen2.gguf, loaded once per test module."""
-    loaded = {}
-
-    def load(name):
-        if name not in loaded:
-            loaded[name] = load_tokenizer(vocab_dir / f"ggml-vocab-{name}.gguf")
-        return loaded[name]
-
-    return load
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +72,6 @@ def test_special_ids_and_defaults(gguf_vocab):
     assert (gpt2.eos_id, gpt2.add_bos, gpt2.chat_template, gpt2.pad_id) == (50256, False, None, None)
 
 
-def test_smollm2_chat_prompt_matches_transformers(smollm2):
-    transformers = pytest.importorskip("transformers")
-    path = assets.smollm2_gguf()
-    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    text = smollm2.apply_chat_template(MESSAGES, add_generation_prompt=True)
-    assert text == reference.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-    assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    ids = smollm2.encode(text, special=True)
-    assert ids == reference(text)["input_ids"]
-    assert ids[0] == smollm2.special_tokens["<|im_start|>"] and smollm2.add_bos is False
-    assert smollm2.special_tokens["<|im_end|>"] in smollm2.eos_ids
-
-
 def assert_same_as_saved(tok, folder):
     """`folder` (written by tok.save) gives tok's ids through load_tokenizer and through transformers."""
     transformers = pytest.importorskip("transformers")
@@ -117,7 +86,7 @@ def assert_same_as_saved(tok, folder):
     assert mine.chat_template == tok.chat_template
     if tok.chat_template:
         rendered = theirs.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
-        assert rendered == tok.apply_chat_template(MESSAGES)
+        assert rendered == render_chat(tok, MESSAGES)
 
 
 @pytest.mark.parametrize("name", ["llama-spm", "qwen2"])
@@ -200,39 +169,6 @@ def test_sentencepiece_model_save_round_trip(spm_model, tmp_path):
     # a folder with only tokenizer.model + tokenizer_config.json (no tokenizer.json) loads the same
     (tmp_path / "tokenizer.json").unlink()
     assert [load_tokenizer(tmp_path).encode(t) for t in STRINGS] == [tok.encode(t) for t in STRINGS]
-
-
-# ---- chat templates ----
-
-def test_chat_template_fallback_is_chatml(gguf_vocab):
-    tok = gguf_vocab("gpt-2")
-    assert tok.chat_template is None
-    assert tok.apply_chat_template(MESSAGES) == (
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False).endswith("<|im_end|>\n")
-
-
-def test_chat_template_fallback_for_sentencepiece_is_llama2(gguf_vocab):
-    tok = gguf_vocab("llama-spm")
-    assert tok.chat_template is None and tok.bos_token == "<s>"
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": " Capital of France?"}]
-    text = tok.apply_chat_template(conversation)
-    assert text == ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>"
-                    "<s>[INST] Capital of France? [/INST]")
-    ids = tok.encode(text, bos=False, special=True)
-    assert ids.count(tok.bos_id) == 2 and ids.count(tok.eos_id) == 1  # <s> and </s> are tokens, not text
-    assert tok.apply_chat_template(conversation[1:2]) == "<s>[INST] Hi [/INST]"
-
-
-def test_chat_template_raise_exception_is_user_error(gguf_vocab):
-    spm = gguf_vocab("llama-spm")
-    tok = Tokenizer(spm.backend, bos_token="<s>", eos_token="</s>",
-                    chat_template="{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}"
-                                  "{% endif %}{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]")
-    assert tok.apply_chat_template(MESSAGES) == "<s>[INST] What is the capital of France? [/INST]"
-    with pytest.raises(UserError, match="user first"):
-        tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
 
 
 # ---- bad input: one-line UserError that names the file ----

@@ -6,9 +6,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from minillama.cli import main
-from minillama.corpus import load_corpus
+from minillama.data.corpus import load_corpus
 from minillama.tokenizer import load_tokenizer
-from minillama.tokenizer_train import train_tokenizer
+from minillama.tokenizer.train import train_tokenizer
 
 # the edge cases of SentencePiece with identity normalization, a dummy prefix and byte fallback
 EDGE = ["", " ", "  two leading spaces", "trailing  ", "\n", "x\ny\n\n", "\ttab", "a▁b", "▁", "▁ ▁",

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from minillama.cli import main
-from minillama.config import UserError, preset
+from minillama.config import TrainConfig, UserError, parse_duration, preset
 from minillama.model import Llama
-from minillama.train import (CausalLMLoss, TrainConfig, Trainer, chunked_cross_entropy, lr_at, parse_duration,
-                             train)
+from minillama.train.loop import train
+from minillama.train.loss import CausalLMLoss, chunked_cross_entropy
+from minillama.train.trainer import Trainer, bf16_supported, lr_at
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
 
@@ -114,11 +115,16 @@ def test_activation_checkpointing_changes_nothing():
     assert run_steps(activation_checkpointing=True) == run_steps()  # recomputed activations are the same floats
 
 
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bfloat16 matmul, "
+                    "so the trainer would fall back to float32 and the comparison would prove nothing")
 def test_bfloat16_autocast_trains_close_to_float32():
-    assert run_steps(dtype="bfloat16") == pytest.approx(run_steps(), abs=0.05)
+    model = Llama(preset("tiny")).init_weights(0)
+    assert Trainer(model, TrainConfig(dtype="bfloat16")).autocast_dtype == torch.bfloat16
+    low, full = run_steps(dtype="bfloat16"), run_steps()
+    assert low == pytest.approx(full, abs=0.05)
+    assert low != full  # really computed in bf16: the rounding shows
 
 
-@pytest.mark.slow
 def test_compile_matches_eager():
     assert run_steps(compile=True) == pytest.approx(run_steps(), abs=1e-4)
 
@@ -148,6 +154,17 @@ def small(root, name, **changes):
     """A run on the shakespeare fixture's tokenizer and token shards."""
     return TrainConfig(**(SMALL | dict(tokenizer=str(root / "run" / "tokenizer"), out=str(root / name),
                                        data_dir=str(root / "data")) | changes))
+
+
+def test_a_short_run_scales_the_default_warmup_and_says_so(shakespeare, capsys):
+    root = shakespeare[0]
+    result = train(small(root, "short", max_steps=30, warmup_steps=None, eval_every=30))
+    assert "note: warmup 3 steps, not 100" in capsys.readouterr().err
+    lrs = [e["lr"] for e in map(json.loads, (root / "short" / "log.jsonl").read_text().splitlines())]
+    assert result.steps == 30 and max(lrs) == lrs[2] == pytest.approx(SMALL["lr"])  # the peak, after 3 warmup steps
+    assert lrs[-1] < SMALL["lr"] / 5  # and the cosine decays toward lr / 10
+    explicit = Trainer(Llama(preset("tiny")), TrainConfig(max_steps=30, warmup_steps=20))
+    assert explicit.warmup_steps == 20  # a warmup the user asked for is kept
 
 
 def test_short_run_lowers_the_loss(shakespeare):
@@ -278,7 +295,6 @@ def test_two_processes_equal_one(shakespeare):
     assert (root / "two" / "final" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
 def test_fsdp_runs_equals_one_process_and_resumes(shakespeare):
     root = shakespeare[0]
     train(small(root, "fsdp_ref", max_steps=3, eval_every=2))

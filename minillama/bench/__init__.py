@@ -1,13 +1,26 @@
 """`minillama bench ...`: speed measured against a reference in the same run (the machines are shared,
 so each benchmark alternates contenders, repeats, reports medians and how busy the CPU was)."""
 
-import importlib
+# benchmark: (module, flags function, run function, help)
+BENCHMARKS = {
+    "train": ("minillama.bench.train", "train_bench_flags", "run_bench",
+              "training tokens/s against transformers' LlamaForCausalLM on the same weights"),
+    "generate": ("minillama.bench.generate", "generate_bench_flags", "generate_bench",
+                 "decode/prefill tok/s against transformers on the same weights"),
+}
 
-BENCHMARKS = ["train", "generate"]  # each module here defines add_command(subparsers)
+
+def bench_flags(p) -> None:
+    import importlib
+
+    sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (module, flags, _, help) in BENCHMARKS.items():
+        flags_of = getattr(importlib.import_module(module), flags)
+        flags_of(sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ", alternated in one run."))
 
 
-def add_commands(sub):
-    parser = sub.add_parser("bench", help="speed against transformers, measured in the same run")
-    bench_sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name in BENCHMARKS:
-        importlib.import_module(f"minillama.bench.{name}").add_command(bench_sub)
+def bench_command(args) -> None:
+    import importlib
+
+    module, _, run, _ = BENCHMARKS[args.benchmark]
+    getattr(importlib.import_module(module), run)(args)

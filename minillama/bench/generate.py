@@ -24,6 +24,7 @@ import time
 import torch
 from torch import nn
 
+from minillama.bench.common import CpuMeter, hf_twin, import_transformers
 from minillama.config import UserError, preset
 
 MODELS = ("stories15M", "stories110M", "smollm2")
@@ -31,37 +32,6 @@ CONTENDERS = ("transformers", "minillama", "fast", "compiled", "bf16", "int8")
 HELP = {"transformers": "transformers LlamaForCausalLM.generate, fp32", "minillama": "our generator, fp32",
         "fast": "+ apply_fast_linear (fp32 decode kernel)", "compiled": "+ apply_fast_linear + apply_compile",
         "bf16": "+ apply_bf16", "int8": "+ apply_int8 (weights int8, activations bf16 in matmuls)"}
-
-
-# ---- what else runs on the machine ----
-
-class CpuMeter:
-    """Wall time, and the share of all CPUs that *other* processes used meanwhile (from /proc/stat's busy
-    time minus our own CPU time). 0.0 = the machine was ours; 0.5 on 2 cores = one core was taken."""
-
-    def __enter__(self):
-        self.start = (time.perf_counter(), _machine_busy_seconds(), _own_cpu_seconds())
-        return self
-
-    def __exit__(self, *exc):
-        wall, busy, own = (now - then for now, then in zip(
-            (time.perf_counter(), _machine_busy_seconds(), _own_cpu_seconds()), self.start))
-        self.seconds = wall
-        self.others = max(0.0, busy - own) / (wall * os.cpu_count()) if busy >= 0 else float("nan")
-
-
-def _machine_busy_seconds() -> float:
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except (OSError, ValueError):
-        return -1.0  # not Linux: unknown
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def measure_bandwidth(megabytes: int = 512) -> float:
@@ -83,8 +53,8 @@ def _timed(fn) -> float:
 def base_model(name: str):
     """fp32 Llama of a named shape: random weights (init_weights) for the stories shapes, SmolLM2's GGUF."""
     if name == "smollm2":
-        from minillama.assets import smollm2_gguf
         from minillama.checkpoint import load_model
+        from minillama.data.assets import smollm2_gguf
 
         return load_model(smollm2_gguf()).eval()
     from minillama.model import Llama
@@ -92,19 +62,6 @@ def base_model(name: str):
     # a context long enough for the 512-token prefill; max_seq_len changes no weight
     config = preset(name).replace(max_seq_len=max(preset(name).max_seq_len, 1024))
     return Llama(config).init_weights(seed=0).eval()
-
-
-def hf_twin(model):
-    """transformers' LlamaForCausalLM holding the same weights, loaded through the state dict."""
-    import transformers
-
-    fields = {k: v for k, v in model.config.to_hf().items() if k not in ("architectures", "model_type", "torch_dtype")}
-    hf_config = transformers.LlamaConfig(**fields)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if "rotary" not in k]:
-        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    return hf
 
 
 def make_contender(name: str, base):
@@ -139,22 +96,23 @@ def token_times(contender, model, prompts: list[list[int]], new_tokens: int) -> 
     each new token]). Both generators are timed the same way, at the moment each token exists."""
     start = time.perf_counter()
     if contender == "transformers":
-        from transformers import LogitsProcessor, LogitsProcessorList
+        transformers = import_transformers()
 
         stamps = []
 
-        class Stamp(LogitsProcessor):  # called once per step, right after the forward
+        class Stamp(transformers.LogitsProcessor):  # called once per step, right after the forward
             def __call__(self, input_ids, scores):
                 stamps.append(time.perf_counter())
                 return scores
 
         ids = torch.tensor(prompts)
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([Stamp()]),
-                           pad_token_id=0)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, pad_token_id=0,
+                           min_new_tokens=new_tokens, do_sample=False,
+                           logits_processor=transformers.LogitsProcessorList([Stamp()]))
     else:
-        from minillama.generate import GenerationConfig, generate_ids
+        from minillama.config import GenerationConfig
+        from minillama.infer.generate import generate_ids
 
         config = GenerationConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         stamps = [time.perf_counter() for _ in generate_ids(model, prompts, config)]
@@ -222,7 +180,7 @@ def summarize(model: str, contender: str, results: list[dict], nbytes: int, band
         "decode_b1": med("b1", "decode"), f"decode_b{batch}": med(f"b{batch}", "decode"),
         "prefill": med("prefill", "prefill"),
         "bandwidth_fraction": steps_b1 * nbytes / bandwidth,  # of the limit, at batch 1
-        "others_cpu": statistics.median(r[p]["others"] for r in results for p in r),
+        "others_cpu": statistics.median([r[p]["others"] or 0.0 for r in results for p in r]),
         "rounds": len(results),
     }
 
@@ -246,7 +204,7 @@ def format_table(rows: list[dict], batch: int) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> None:
+def generate_bench(args) -> None:
     models = args.models.split(",") if args.models else list(MODELS)
     contenders = args.contenders.split(",") if args.contenders else list(CONTENDERS)
     for m in models:
@@ -269,10 +227,7 @@ def run(args) -> None:
     print(json.dumps(rows, indent=1) if args.json else format_table(rows, args.batch))
 
 
-def add_command(sub) -> None:
-    p = sub.add_parser("generate", help="decode/prefill tok/s against transformers on the same weights",
-                       description="Decode and prefill speed against transformers on the same weights, as a "
-                                   "table of medians with ratios and the fraction of the memory-bandwidth limit.")
+def generate_bench_flags(p) -> None:
     p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
     p.add_argument("--contenders", help=f"comma-separated subset of {','.join(HELP)} "
                                         f"(default: {','.join(CONTENDERS)}); transformers is the reference")
@@ -284,4 +239,3 @@ def add_command(sub) -> None:
                    help="torch threads for every contender and the bandwidth probe (default: torch's, = cores)")
     p.add_argument("--quick", action="store_true", help="1 round, 12 new tokens, 128-token prefill")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.set_defaults(run=run)

@@ -9,18 +9,18 @@ logits and log-softmax).
 
 The machine may be shared, so the contenders alternate within each round (a slow minute hurts all of
 them), rounds repeat, medians are reported, and each measurement records how busy the CPU was with
-other processes: /proc/stat's busy time minus our own CPU time, as a share of all cores.
+other processes (common.CpuMeter).
 """
 
 import argparse
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 
+from minillama.bench.common import CpuMeter, hf_twin
 from minillama.config import UserError, preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -34,38 +34,11 @@ class Contender:
     others: list = field(default_factory=list)  # share of the machine other processes used, per round
 
 
-# ---- the CPU load around a measurement ----
-
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all cores since boot, from /proc/stat (None where there is none)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-class LoadMeter:
-    """Share of the machine's cores used by other processes between start() and stop()."""
-
-    def start(self):
-        self.jiffies, self.cpu = _cpu_jiffies(), time.process_time()
-
-    def stop(self) -> float | None:
-        now, cpu = _cpu_jiffies(), time.process_time()
-        if now is None or self.jiffies is None or now[1] == self.jiffies[1]:
-            return None
-        tick = os.sysconf("SC_CLK_TCK")
-        busy, total = (now[0] - self.jiffies[0]) / tick, (now[1] - self.jiffies[1]) / tick
-        return max(0.0, busy - (cpu - self.cpu)) / total  # total = wall time x cores
-
-
 # ---- the contenders ----
 
 def minillama_step(model, args, dtype: str, compile: bool):
-    from minillama.train import TrainConfig, Trainer
+    from minillama.config import TrainConfig
+    from minillama.train.trainer import Trainer
 
     config = TrainConfig(corpus=["bench"], out="bench", preset=args.preset, seq_len=args.seq_len,
                          batch_size=args.batch_size, max_steps=10**6, dtype=dtype, compile=compile)
@@ -76,18 +49,9 @@ def minillama_step(model, args, dtype: str, compile: bool):
 def transformers_step(model, dtype: str):
     """transformers' LlamaForCausalLM with our weights; the loss as its users compute it, with the
     targets given as shift_labels so both contenders fit exactly the same next tokens."""
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("the training benchmark compares against transformers: pip install transformers") from None
-    from minillama.train import bf16_supported, optimizer_groups
+    from minillama.train.trainer import bf16_supported, optimizer_groups
 
-    hf_config = transformers.LlamaConfig.from_dict(model.config.to_hf())
-    hf = transformers.LlamaForCausalLM(hf_config)  # SDPA attention: transformers' default and fastest
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # a tied head is the embedding
-        raise RuntimeError(f"weights do not match transformers' names: {missing} {unexpected}")
-    hf.train()
+    hf = hf_twin(model).train()  # SDPA attention: transformers' default and fastest
     optimizer = torch.optim.AdamW(optimizer_groups(hf, 0.1), lr=5e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     cpu = torch.device("cpu")
     autocast = dtype == "bfloat16" and bf16_supported(cpu)
@@ -137,19 +101,16 @@ def check_same_loss(contenders: list[Contender], batch, dtype: str) -> list[floa
 def measure(contenders: list[Contender], batches, args) -> None:
     """Warm-up round(s), then `rounds` rounds; in each, every contender runs `steps` steps, in an order
     that rotates from round to round."""
-    meter, tokens = LoadMeter(), args.steps * args.batch_size * args.seq_len
+    tokens = args.steps * args.batch_size * args.seq_len
     for r in range(args.warmup + args.rounds):
         order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
         for c in order:
-            meter.start()
-            start = time.perf_counter()
-            for i in range(args.steps):
-                c.step(batches[(r * args.steps + i) % len(batches)])
-            seconds = time.perf_counter() - start
-            others = meter.stop()
+            with CpuMeter() as meter:
+                for i in range(args.steps):
+                    c.step(batches[(r * args.steps + i) % len(batches)])
             if r >= args.warmup:
-                c.speeds.append(tokens / seconds)
-                c.others.append(others)
+                c.speeds.append(tokens / meter.seconds)
+                c.others.append(meter.others)
         if r >= args.warmup:
             print(f"  round {r - args.warmup + 1}: " + " | ".join(f"{c.name} {c.speeds[-1]:,.0f} tok/s" for c in order),
                   file=sys.stderr)
@@ -157,13 +118,13 @@ def measure(contenders: list[Contender], batches, args) -> None:
 
 def peak_flops(dtype: str, repeats: int = 3) -> float:
     """The matmul peak (train.measure_peak_flops), best of a few tries: the machine when we had it."""
-    from minillama.train import measure_peak_flops
+    from minillama.train.report import measure_peak_flops
 
     return max(measure_peak_flops(torch.device("cpu"), DTYPES[dtype]) for _ in range(repeats))
 
 
 def report(results: list[tuple[str, list[Contender], float, list[float]]], args) -> None:
-    from minillama.calc import flops_per_token
+    from minillama.model.calc import flops_per_token
 
     flops = flops_per_token(preset(args.preset).replace(max_seq_len=args.seq_len), args.seq_len)
     print(f"\n{args.preset}, batch {args.batch_size} x {args.seq_len}, {args.steps} steps x {args.rounds} rounds "
@@ -205,10 +166,7 @@ def run_bench(args) -> None:
     report(results, args)
 
 
-def add_command(sub) -> None:
-    p = sub.add_parser("train", help="training tokens/s against transformers' LlamaForCausalLM",
-                       description="Training throughput of minillama (train.Trainer) and transformers on the "
-                                   "same weights, batch and dtype, alternated in the same run.")
+def train_bench_flags(p) -> None:
     p.add_argument("--preset", default="stories15M", help="model shape (default stories15M)")
     p.add_argument("--batch-size", type=int, default=8, help="B (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="T (default 256)")
@@ -218,4 +176,3 @@ def add_command(sub) -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="float32 and/or bfloat16")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure minillama with torch.compile per decoder layer (default on)")
-    p.set_defaults(run=run_bench)

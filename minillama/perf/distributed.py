@@ -1,10 +1,51 @@
-"""Parallelism and memory transforms applied from outside the model (torchtitan's `parallelize` step):
-activation checkpointing, torch.compile per layer, DistributedDataParallel or FSDP2."""
+"""Processes and parallelism, applied from outside the model (torchtitan's `parallelize` step): the process
+group torchrun starts, and the transforms activation checkpointing, torch.compile per layer,
+DistributedDataParallel or FSDP2."""
 
 import functools
+import os
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+
+@dataclass
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def any(self, *flags: bool) -> list[bool]:
+        """Each flag OR-ed over processes, so all of them stop at the same step."""
+        if self.world_size == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(x) for x in t.tolist()]
+
+
+def init_processes() -> tuple[Processes, bool]:
+    """From the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, NCCL on GPU.
+    Returns the processes and whether we created the process group (and so must destroy it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size == 1:
+        return Processes(device=torch.device("cuda" if cuda else "cpu")), False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Processes(dist.get_rank(), world_size, device), created
+
 
 
 def parallelize(module: nn.Module, world_size: int = 1, *, fsdp: bool = False, compile: bool = False,
@@ -17,7 +58,7 @@ def parallelize(module: nn.Module, world_size: int = 1, *, fsdp: bool = False, c
     """
     from torch.utils.checkpoint import checkpoint
 
-    layers = module.llama.model.layers
+    layers = module.llama.layers
     for layer in layers:
         if activation_checkpointing:
             # keep only each layer's input; recompute its insides in backward: ~1/3 more compute, far less memory

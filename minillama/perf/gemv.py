@@ -89,13 +89,13 @@ def kernel():
     if _kernel is None:
         from torch.utils.cpp_extension import load_inline
 
-        from minillama.assets import cache_dir
+        from minillama.data.assets import cache_dir
 
         build = cache_dir() / "kernels" / "gemv"
         build.mkdir(parents=True, exist_ok=True)
         try:
-            _kernel = load_inline("minillama_gemv", cpp_sources=KERNEL, functions=["linear_rows"],
-                                  extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"], build_directory=str(build))
+            _kernel = load_inline("minillama_gemv", cpp_sources=KERNEL, functions=["linear_rows"], build_directory=str(build),
+                                  extra_cflags=["-O3", "-march=native", "-ffp-contract=fast"])
         except (RuntimeError, OSError) as e:  # no compiler, or it failed
             raise UserError(f"could not build the fp32 decode kernel in {build} ({str(e).splitlines()[0]}): "
                             "install a C++ compiler (g++) or leave out apply_fast_linear") from None

@@ -108,7 +108,6 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 # ---- the `params` command ----
 
-
 def resolve_config(name_or_path: str) -> ModelConfig:
     """A preset name, a checkpoint folder holding config.json, or a config JSON file."""
     if name_or_path in PRESETS:
@@ -117,7 +116,9 @@ def resolve_config(name_or_path: str) -> ModelConfig:
     if path.suffix == ".gguf":
         raise UserError(f"{path}: GGUF files are not read by `params`; pass a preset or a config.json")
     if path.exists():
-        return ModelConfig.load(path)
+        from minillama.checkpoint.hf import read_config
+
+        return read_config(path)
     if "/" in name_or_path or path.suffix == ".json":
         raise UserError(f"{path}: no such file or folder")
     return preset(name_or_path)  # raises with the list of valid presets
@@ -185,7 +186,19 @@ def format_report(label: str, config: ModelConfig, params: dict, memory: dict, f
     return "\n\n".join("\n".join(b) for b in blocks)
 
 
-def run_params(args) -> None:
+def params_flags(p) -> None:
+    p.description = "Parameter count, inference/training memory and training FLOPs per token, from the config alone."
+    p.add_argument("model", metavar="PRESET|PATH",
+                   help=f"a preset ({', '.join(PRESETS)}), a checkpoint folder or a config JSON file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--batch-size", type=int, default=1, help="training batch size for activations (default 1)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="training sequence length (default: the model's context length)")
+    p.add_argument("--dtype", choices=ACT_DTYPES, default="bf16",
+                   help="element type of the KV cache and activations (default bf16)")
+
+
+def params_command(args) -> None:
     config = resolve_config(args.model)
     seq_len = args.seq_len or config.max_seq_len
     params = count_params(config)
@@ -196,18 +209,3 @@ def run_params(args) -> None:
                           "flops_per_token": flops}, indent=2))
     else:
         print(format_report(args.model, config, params, memory, flops))
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("params", help="count parameters, memory and FLOPs of a model",
-                              description="Parameter count, inference/training memory and training FLOPs "
-                                          "per token, computed from the config alone.")
-    p.add_argument("model", metavar="PRESET|PATH",
-                   help=f"a preset ({', '.join(PRESETS)}), a checkpoint folder or a config JSON file")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--batch-size", type=int, default=1, help="training batch size for activations (default 1)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="training sequence length (default: the model's context length)")
-    p.add_argument("--dtype", choices=ACT_DTYPES, default="bf16",
-                   help="element type of the KV cache and activations (default bf16)")
-    p.set_defaults(run=run_params)

@@ -58,14 +58,13 @@ def check_window(context: int, stride: int) -> None:
 @torch.inference_mode()
 def window_nll(model, ids, group: list[Window]) -> float:
     """Summed NLL (nats) of the scored tokens of equally long windows, run as one batch."""
-    device = model.model.embed_tokens.weight.device  # (not lm_head's: a quantized head dequantizes on .weight)
-    batch = torch.stack([ids[w.start:w.end] for w in group]).to(device)  # (B, T)
-    hidden = model.model(batch)  # (B, T, C)
+    batch = torch.stack([ids[w.start:w.end] for w in group]).to(model.device)  # (B, T)
+    hidden = model.hidden_states(batch)  # (B, T, C)
     total = 0.0
     for b, w in enumerate(group):
         # the logits at window position p predict the token at p + 1: take only the scored ones
         positions = slice(w.first_scored - w.start - 1, w.end - w.start - 1)
-        logits = model.lm_head(hidden[b, positions]).float()  # (N, V)
+        logits = model.logits(hidden[b, positions]).float()  # (N, V)
         targets = batch[b, w.first_scored - w.start:]  # (N,)
         total += F.cross_entropy(logits, targets, reduction="sum").item()
     return total
@@ -136,7 +135,7 @@ def read_text(args) -> str:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    from minillama.corpus import load_corpus, split
+    from minillama.data.corpus import load_corpus, split
 
     docs = load_corpus(args.corpus)
     if len(docs) > 1:
@@ -146,31 +145,11 @@ def read_text(args) -> str:
     return "\n\n".join(d.text for d in docs)
 
 
-def run_eval(args) -> None:
-    from minillama.generate import load_model_and_tokenizer
+def eval_flags(p) -> None:
+    from minillama.checkpoint.load import model_flags
 
-    if args.context is not None:  # bad window arguments fail before the (slow) load
-        check_window(args.context, args.stride or args.context)
-    text = read_text(args)
-    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype)
-    context = args.context or min(model.config.max_seq_len, 1024)
-    stride = args.stride or context
-    r = evaluate_text(model, tokenizer, text, context, stride, args.max_tokens, progress=True)
-    if args.json:
-        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}))
-        return
-    print(f"perplexity     {r['perplexity']:.4f}")
-    print(f"bits per byte  {r['bits_per_byte']:.4f}")
-    print(f"tokens scored  {r['tokens']:,} ({r['bytes']:,} bytes, {r['windows']} windows of {context}, "
-          f"stride {stride})")
-
-
-def add_commands(subparsers) -> None:
-    from minillama.generate import DTYPES
-
-    p = subparsers.add_parser("eval", help="perplexity and bits per byte of a model on a text",
-                              description="Perplexity by sliding windows; every token scored exactly once.")
-    p.add_argument("path", metavar="PATH", help="Hugging Face folder, .gguf file, Meta checkpoint, or smollm2")
+    p.description = "Perplexity by sliding windows; every token scored exactly once."
+    model_flags(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", metavar="FILE", help="a UTF-8 text file")
     source.add_argument("--corpus", metavar="NAME",
@@ -181,6 +160,23 @@ def add_commands(subparsers) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts, <= context (default: context, disjoint windows)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=run_eval)
+
+
+def eval_command(args) -> None:
+    from minillama.checkpoint import load_model_and_tokenizer
+
+    if args.context is not None:  # bad window arguments fail before the (slow) load
+        check_window(args.context, args.stride or args.context)
+    text = read_text(args)
+    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype, args.speed)
+    context = args.context or min(model.config.max_seq_len, 1024)
+    stride = args.stride or context
+    r = evaluate_text(model, tokenizer, text, context, stride, args.max_tokens, progress=True)
+    if args.json:
+        print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}))
+        return
+    print(f"perplexity     {r['perplexity']:.4f}")
+    print(f"bits per byte  {r['bits_per_byte']:.4f}")
+    print(f"tokens scored  {r['tokens']:,} ({r['bytes']:,} bytes, {r['windows']} windows of {context}, "
+          f"stride {stride})")

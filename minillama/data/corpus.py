@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from minillama import assets
 from minillama.config import UserError
+from minillama.data import assets
 
 
 @dataclass(frozen=True)
@@ -177,25 +177,21 @@ def _print_description(info: dict) -> None:
         print("labels      " + ", ".join(f"{k} {v:,}" for k, v in info["labels"].items()))
 
 
-def run_fetch(args) -> None:
-    if args.name not in BUILTINS:
-        raise UserError(f"unknown built-in corpus {args.name!r}; built-ins: {', '.join(BUILTINS)}")
-    print(f"loading {args.name} ...", file=sys.stderr)
-    _print_description(describe(load_corpus(args.name)))
-
-
-def run_info(args) -> None:
-    _print_description(describe(load_corpus(args.specs)))
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("corpus", help="fetch built-in corpora and describe text corpora",
-                              description="Text corpora: built-ins (" + ", ".join(BUILTINS) + "), text files, "
-                                          "folders of .txt/.md, JSONL with a \"text\" field.")
+def corpus_flags(p) -> None:
+    p.description = ("Text corpora: built-ins (" + ", ".join(BUILTINS) + "), text files, folders of .txt/.md, "
+                     "JSONL with a \"text\" field.")
     sub = p.add_subparsers(dest="corpus_command", required=True, metavar="COMMAND")
     f = sub.add_parser("fetch", help="download a built-in corpus once and count it")
     f.add_argument("name", metavar="NAME", help=", ".join(BUILTINS))
-    f.set_defaults(run=run_fetch)
     i = sub.add_parser("info", help="count documents, characters and labels of corpus specs")
     i.add_argument("specs", nargs="+", metavar="SPEC", help="built-in name, file, folder or .jsonl")
-    i.set_defaults(run=run_info)
+
+
+def corpus_command(args) -> None:
+    if args.corpus_command == "fetch":
+        if args.name not in BUILTINS:
+            raise UserError(f"unknown built-in corpus {args.name!r}; built-ins: {', '.join(BUILTINS)}")
+        print(f"loading {args.name} ...", file=sys.stderr)
+        _print_description(describe(load_corpus(args.name)))
+    else:
+        _print_description(describe(load_corpus(args.specs)))

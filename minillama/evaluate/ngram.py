@@ -1,8 +1,8 @@
 """The baseline a language model has to beat: a smoothed token n-gram model, counted with numpy.
 
 p(x_i | x_1..x_{i-1}) is taken to depend on the last n-1 tokens only, and estimated from counts of
-n-grams in the training tokens (seed 002, "N-gram models"). Counts alone give 0 to every n-gram the
-training text lacks, so they are smoothed:
+n-grams in the training tokens (Jurafsky & Martin, "Speech and Language Processing", ch. 3). Counts
+alone give 0 to every n-gram the training text lacks, so they are smoothed:
 
 - "kn": interpolated modified Kneser-Ney (Chen & Goodman 1998, "An Empirical Study of Smoothing
   Techniques for Language Modeling", §3.5-3.6), the strongest classic n-gram smoother. Every order
@@ -15,7 +15,7 @@ training text lacks, so they are smoothed:
   ever follows one word ("Francisco" after "San") should get little weight in new contexts. Below the
   unigrams sits the uniform 1/V, so no token ever has probability 0. A context never seen in training
   passes the lower order's probability through unchanged.
-- "add-k": Laplace smoothing of the highest order (seed 002, add-one when k = 1):
+- "add-k": Laplace smoothing of the highest order (add-one when k = 1):
       p(w | h) = (c(hw) + k) / (c(h·) + k·V)
 
 Both are proper distributions over the V tokens for every context (tested). The token stream is the
@@ -203,8 +203,17 @@ def _lookup(keys: np.ndarray, values: np.ndarray, queries: np.ndarray) -> np.nda
 
 # ---- command line: `minillama ngram RUN` ----
 
-def run_ngram(args) -> None:
-    from minillama.data import TokenShards
+def ngram_flags(p) -> None:
+    p.description = ("Fit a Kneser-Ney (or add-k) token n-gram model on RUN/data/train and print its perplexity "
+                     "on RUN/data/val (every token but the first).")
+    p.add_argument("run_folder", metavar="RUN", nargs="?", help="a run folder of `minillama train`")
+    p.add_argument("--data", metavar="DIR", help="token shard folder with train/ and val/ (default RUN/data)")
+    p.add_argument("--order", type=int, nargs="+", default=[3], help="n (several: one line each; default 3)")
+    p.add_argument("--smoothing", choices=SMOOTHINGS, default="kn", help="default kn (modified Kneser-Ney)")
+
+
+def ngram_command(args) -> None:
+    from minillama.data.shards import TokenShards
 
     if not args.run_folder and not args.data:
         raise UserError("give a run folder (RUN) or --data DIR")
@@ -222,14 +231,3 @@ def run_ngram(args) -> None:
         r = lm.perplexity(val_ids)
         print(f"{order}-gram {args.smoothing}: validation perplexity {r['perplexity']:.3f} "
               f"over {r['tokens']:,} tokens")
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("ngram", help="n-gram baseline perplexity on a run's token shards",
-                              description="Fit a Kneser-Ney (or add-k) token n-gram model on RUN/data/train "
-                                          "and print its perplexity on RUN/data/val (every token but the first).")
-    p.add_argument("run_folder", metavar="RUN", nargs="?", help="a run folder of `minillama train`")
-    p.add_argument("--data", metavar="DIR", help="token shard folder with train/ and val/ (default RUN/data)")
-    p.add_argument("--order", type=int, nargs="+", default=[3], help="n (several: one line each; default 3)")
-    p.add_argument("--smoothing", choices=SMOOTHINGS, default="kn", help="default kn (modified Kneser-Ney)")
-    p.set_defaults(run=run_ngram)

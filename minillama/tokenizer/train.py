@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from minillama.checkpoint.atomic import write_atomic
 from minillama.config import UserError
 
 # the trainer_spec / normalizer_spec of Llama 2's tokenizer.model, minus input size and thread count
@@ -75,8 +76,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
     seconds = time.time() - start
     print(f"trained on {counts['lines']:,} lines ({counts['characters']:,} characters) in {seconds:.1f}s",
           file=sys.stderr)
-    path = out_dir / "tokenizer.model"
-    path.write_bytes(model.getvalue())
+    path = write_atomic(out_dir / "tokenizer.model", model.getvalue())
     load_tokenizer(path).save(out_dir)  # + tokenizer.json and tokenizer_config.json for transformers
     print(f"wrote {path} and the Hugging Face tokenizer files", file=sys.stderr)
     report = {"vocab_size": vocab_size, "train_lines": counts["lines"], "train_characters": counts["characters"],
@@ -123,8 +123,21 @@ def measure(model_path: str | Path, texts: Iterable[str]) -> dict:
             "lossless": first_loss is None if n_texts else None, "first_lossy_text": first_loss}
 
 
-def run_train(args) -> None:
-    from minillama.corpus import load_corpus, split
+def tokenizer_flags(p) -> None:
+    sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train a Llama 2 style SentencePiece BPE tokenizer on a corpus",
+                       description="Train on the corpus minus a held-out split, write tokenizer.model and "
+                                   "the Hugging Face files to --out, report on the held-out documents.")
+    t.add_argument("--corpus", nargs="+", required=True, metavar="SPEC",
+                   help="built-in name (shakespeare, bbc-news, people-daily), file, folder or .jsonl")
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--seed", type=int, default=0, help="seed of the validation split and line sampling")
+    t.add_argument("--val-fraction", type=float, default=0.05, help="documents held out (default 0.05)")
+
+
+def tokenizer_command(args) -> None:
+    from minillama.data.corpus import load_corpus, split
 
     _check_vocab_size(args.vocab_size)
     print(f"reading {' '.join(args.corpus)} ...", file=sys.stderr)
@@ -148,19 +161,3 @@ def run_train(args) -> None:
               f"({report['newline_rate']:.2%} newlines, {rate_other:.2%} other bytes)")
         print(f"lossless         {'yes' if report['lossless'] else 'NO'}: decode(encode(text)) == text")
     print(f"wrote            {args.out}")
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("tokenizer", help="train tokenizers",
-                              description="Tokenizers: SentencePiece BPE with Llama 2's settings.")
-    sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
-    t = sub.add_parser("train", help="train a Llama 2 style SentencePiece BPE tokenizer on a corpus",
-                       description="Train on the corpus minus a held-out split, write tokenizer.model and "
-                                   "the Hugging Face files to --out, report on the held-out documents.")
-    t.add_argument("--corpus", nargs="+", required=True, metavar="SPEC",
-                   help="built-in name (shakespeare, bbc-news, people-daily), file, folder or .jsonl")
-    t.add_argument("--vocab-size", type=int, required=True, metavar="N")
-    t.add_argument("--out", required=True, metavar="DIR")
-    t.add_argument("--seed", type=int, default=0, help="seed of the validation split and line sampling")
-    t.add_argument("--val-fraction", type=float, default=0.05, help="documents held out (default 0.05)")
-    t.set_defaults(run=run_train)

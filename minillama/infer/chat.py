@@ -1,14 +1,15 @@
 """`minillama chat`: a conversation through the checkpoint's chat template, answers streamed as written.
 
-Each turn renders the whole history with the template (ChatML, Llama 2 [INST], or whatever jinja the
-checkpoint carries) and generates from it; when the history outgrows the context, the oldest turns go.
+Each turn renders the whole history with the template (templates.py: ChatML, Llama 2 [INST], or whatever
+jinja the checkpoint carries) and generates from it; when the history outgrows the context, the oldest turns go.
 """
 
 import sys
 
-from minillama.config import UserError
-from minillama.generate import (GenerationConfig, Timing, add_sampling_args, config_from_args,
-                                load_model_and_tokenizer, stream, timing_line)
+from minillama.config import GenerationConfig, UserError
+from minillama.infer.generate import Timing
+from minillama.infer.stream import stream, timing_line
+from minillama.infer.templates import render_chat
 
 HELP = "/reset clears the history, /exit (or Ctrl-D) quits"
 
@@ -21,7 +22,7 @@ def fit_history(tokenizer, messages: list[dict], budget: int, notice=None) -> li
     """
     while True:
         # the template writes any BOS itself (Llama 2: "<s>[INST]"), so encode must not add another
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
         ids = tokenizer.encode(text, bos=False, special=True)  # special: "<|im_start|>" is one token
         if len(ids) <= budget:
             return ids
@@ -90,8 +91,21 @@ def chat_loop(model, tokenizer, config: GenerationConfig, system: str | None = N
         write("\n")
 
 
-def run_chat(args):
-    config = config_from_args(args)  # validated before the (slow) load
+def chat_flags(p) -> None:
+    from minillama.checkpoint.load import model_flags
+    from minillama.cli import add_fields
+
+    model_flags(p)
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
+    p.add_argument("--once", default=None, metavar="TEXT", help="answer this one message, print it and exit")
+    add_fields(p, GenerationConfig, defaults={"max_new_tokens": 512})
+
+
+def chat_command(args) -> None:
+    from minillama.checkpoint import load_model_and_tokenizer
+    from minillama.cli import from_fields
+
+    config = from_fields(GenerationConfig, args)  # validated before the (slow) load
     model, tokenizer = load_model_and_tokenizer(args.path, args.dtype, args.speed)
     if args.once is None:
         chat_loop(model, tokenizer, config, args.system)
@@ -102,13 +116,3 @@ def run_chat(args):
                       notice=lambda text: print(text, file=sys.stderr))
     print()
     print(timing_line(timing), file=sys.stderr)
-
-
-def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("chat", help="talk to a chat model in the terminal",
-                              description=f"Chat through the checkpoint's chat template; {HELP}.")
-    p.add_argument("path", metavar="PATH", help="Hugging Face folder, .gguf file, Meta checkpoint, or smollm2")
-    p.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation")
-    p.add_argument("--once", default=None, metavar="TEXT", help="answer this one message, print it and exit")
-    add_sampling_args(p, max_new_tokens=512)
-    p.set_defaults(run=run_chat)

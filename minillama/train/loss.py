@@ -84,6 +84,6 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, inputs, targets):
         """inputs, targets (B, T) -> mean cross-entropy of predicting targets[b, t] after inputs[b, :t+1]."""
-        hidden = self.llama.model(inputs)  # (B, T, C)
+        hidden = self.llama.hidden_states(inputs)  # (B, T, C)
         hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, C)
-        return chunked_cross_entropy(hidden, self.llama.lm_head.weight, targets.reshape(-1), self.chunk_size)
+        return chunked_cross_entropy(hidden, self.llama.head_weight, targets.reshape(-1), self.chunk_size)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillama.config import ModelConfig
+from minillama.model.cache import KVCache
+from minillama.model.rope import apply_rope, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -29,59 +31,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_tables(config: ModelConfig, length: int, device=None):
-    """cos and sin of every position's rotation angles, (length, D) each, precomputed once.
-
-    Pair i of a head rotates by position · theta^(-2i/D). Length extension (seed 000):
-    linear = position interpolation, squeeze positions by the factor so they stay in the trained range;
-    ntk = NTK-aware scaling, raise the base so low frequencies stretch while high ones barely move.
-    """
-    D = config.head_dim
-    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, D, 2, device=device, dtype=torch.float64) / D)  # (D/2,)
-    positions = torch.arange(length, device=device, dtype=torch.float64)
-    if config.rope_scaling == "linear":
-        positions = positions / config.rope_factor
-    angles = torch.outer(positions, inv_freq)  # (length, D/2)
-    # rotate-half layout (HF): pair i is (x[i], x[i + D/2]), so each angle is repeated once per half
-    angles = torch.cat([angles, angles], dim=-1)  # (length, D)
-    return angles.cos().float(), angles.sin().float()
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate each (x[i], x[i + D/2]) pair by its angle: x·cos + rotate_half(x)·sin, element-wise.
-
-    x (B, heads, T, D); cos/sin (B, 1, T, D) gathered at each token's position.
-    """
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
-
-
-class KVCache:
-    """Preallocated keys and values of every layer, plus which past slots hold real tokens.
-
-    All rows of a batch advance together (left padding keeps them aligned), so one `length` counts the
-    filled slots. Writing into fixed buffers means no allocation per decoded token.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)  # (B, K, S_max, D)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S_max) real tokens
-        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) next rotary position
-        self.length = 0
-        self.max_len = max_len
-
-    def reset(self):
-        self.mask.zero_()
-        self.positions.zero_()
-        self.length = 0
 
 
 class Attention(nn.Module):
@@ -103,11 +52,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k = cache.k[layer][:, :, :start + T]  # (B, K, S, D)
-            v = cache.v[layer][:, :, :start + T]  # (B, K, S, D)
+            k, v = cache.write(layer, k, v)  # (B, K, S, D): the past and the new
         attend = scaled_dot_product_attention if self.use_sdpa else reference_attention
         y = attend(q, k, v, mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
@@ -115,7 +60,8 @@ class Attention(nn.Module):
 
 
 def reference_attention(q, k, v, mask):
-    """softmax(q·kᵀ / sqrt(D) + mask) · v written out, the way the seed documents derive it.
+    """softmax(q·kᵀ / sqrt(D) + mask) · v written out (Vaswani et al. 2017,
+    arXiv:1706.03762, eq. 1), the plain reference the fused kernel is tested against.
 
     q (B, H, T, D), k/v (B, K, S, D). Query heads are grouped onto their kv head with a view,
     (B, K, G, T, D) against (B, K, 1, S, D), so GQA/MQA share keys and values without copying them.
@@ -124,10 +70,9 @@ def reference_attention(q, k, v, mask):
     K, S = k.shape[1], k.shape[2]
     q = q.view(B, K, H // K, T, D)  # (B, K, G, T, D)
     scores = q @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # (B, K, G, T, S)
-    if mask is None:
-        mask = causal_mask(T, S, q.device)  # (T, S)
-    else:
-        mask = mask.unsqueeze(1)  # (B, 1, 1, T, S)
+    if mask is None:  # plain causal
+        mask = attention_mask_of(torch.ones(1, S, dtype=torch.bool, device=q.device), T)  # (1, 1, T, S)
+    mask = mask.unsqueeze(1)  # (B, 1, 1, T, S)
     scores = scores.float().masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1).to(q.dtype)
     y = weights @ v.unsqueeze(2)  # (B, K, G, T, D)
@@ -139,13 +84,6 @@ def scaled_dot_product_attention(q, k, v, mask):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-
-def causal_mask(T: int, S: int, device=None):
-    """(T, S) bool: new token i sits at slot S - T + i and sees every slot up to its own, by broadcasting."""
-    q_slot = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-    return k_slot <= q_slot  # (T, S)
 
 
 class MLP(nn.Module):
@@ -198,51 +136,46 @@ class LlamaModel(nn.Module):
         only: a cache remembers the past ones; None = no padding (and the fastest path). Returns hidden
         states (B, T, C)."""
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if cache is not None and past + T > cache.max_len:
-            raise ValueError(f"cache holds {cache.max_len} tokens; {past} + {T} do not fit")
-        positions, mask = self.positions_and_mask(input_ids, attention_mask, cache)
+        new = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
+            else attention_mask.bool()  # (B, T)
+        past = cache.past_mask() if cache is not None else new[:, :0]  # (B, P)
+        start = cache.next_positions if cache is not None else torch.zeros(B, dtype=torch.long, device=new.device)
+        positions = rotary_positions(new, start)  # (B, T)
+        window = self.config.sliding_window
+        # no padding, no past, no window in reach: the fused kernel's own causal mask is fastest. Only
+        # shapes decide, never the mask's values, so torch.compile sees no data-dependent branch
+        plain = attention_mask is None and past.shape[1] == 0 and (window is None or T <= window)
+        mask = None if plain else attention_mask_of(torch.cat([past, new], dim=1), T, window)  # (B, 1, T, S)
         cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D)
         sin = self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, D)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(new)
         return self.norm(x)
 
-    def positions_and_mask(self, input_ids, attention_mask, cache):
-        """Rotary positions (B, T) counted over real tokens only, so a left-padded prompt starts at 0,
-        and the attention mask (B, 1, T, S), or None when plain causal attention suffices."""
-        B, T = input_ids.shape
-        device = input_ids.device
-        if attention_mask is None:
-            new = torch.ones(B, T, dtype=torch.bool, device=device)  # (B, T)
-        else:
-            new = attention_mask.bool()  # (B, T)
-        start = cache.positions if cache is not None else torch.zeros(B, dtype=torch.long, device=device)
-        positions = (start[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        if cache is not None:
-            past = cache.length
-            cache.mask[:, past:past + T] = new
-            cache.positions += new.long().sum(-1)
-            keys = cache.mask[:, :past + T]  # (B, S)
-        else:
-            keys = new  # (B, S=T)
-        window = self.config.sliding_window
-        S = keys.shape[1]
-        # no mask given, no past, no window in reach: the fused kernel's own causal mask is fastest.
-        # Only shapes decide, never the mask's values, so torch.compile sees no data-dependent branch
-        if attention_mask is None and S == T and (window is None or S <= window):
-            return positions, None
-        q_slot = torch.arange(S - T, S, device=device)[:, None]  # (T, 1) slot of each new token
-        k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-        # causal, and only real keys; but always itself, so a padding row never has nothing to attend
-        # (its output is garbage that no real token reads, but it must not be NaN)
-        mask = (k_slot <= q_slot) & (keys[:, None, :] | (k_slot == q_slot))  # (B, T, S)
-        if window is not None:
-            mask = mask & (q_slot - k_slot < window)
-        return positions, mask.unsqueeze(1)  # (B, 1, T, S)
+
+def rotary_positions(new, start):
+    """Rotary position of each new token (B, T), counting real tokens only, so a left-padded prompt starts
+    at 0 like the same prompt alone. new (B, T) bool real tokens; start (B,) each row's next position."""
+    return (start[:, None] + new.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_mask_of(keys, T: int, window: int | None = None):
+    """Who may attend to whom, built by broadcasting: (B, 1, T, S) bool, True = may attend.
+
+    keys (B, S) bool: which of the S key slots (past + the T new, the new last) hold real tokens. Causal,
+    real keys only, and within `window` slots (Mistral's sliding window); but always itself, so a padding
+    row never has nothing to attend (its output is garbage no real token reads, but it must not be NaN).
+    """
+    S = keys.shape[1]
+    q_slot = torch.arange(S - T, S, device=keys.device)[:, None]  # (T, 1) slot of each new token
+    k_slot = torch.arange(S, device=keys.device)[None, :]  # (1, S)
+    mask = (k_slot <= q_slot) & (keys[:, None, :] | (k_slot == q_slot))  # (B, T, S)
+    if window is not None:
+        mask = mask & (q_slot - k_slot < window)
+    return mask.unsqueeze(1)  # (B, 1, T, S)
 
 
 class Llama(nn.Module):
@@ -257,7 +190,36 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, cache=None):
-        return self.lm_head(self.model(input_ids, attention_mask, cache))
+        return self.logits(self.hidden_states(input_ids, attention_mask, cache))
+
+    # ---- the surface the generator, the evaluator, losses and transforms use ----
+
+    def hidden_states(self, input_ids, attention_mask=None, cache=None):
+        """input_ids (B, T) -> the final norm's output (B, T, C); see LlamaModel.forward."""
+        return self.model(input_ids, attention_mask, cache)
+
+    def logits(self, hidden):
+        """hidden (..., C) -> logits (..., V): apply the LM head only where logits are needed."""
+        return self.lm_head(hidden)
+
+    @property
+    def layers(self):
+        """The decoder blocks, for transforms that wrap or compile each one."""
+        return self.model.layers
+
+    @property
+    def head_weight(self):
+        """The LM head's (V, C) matrix, for a loss that fuses it with the cross-entropy."""
+        return self.lm_head.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for this model, on its device, in the dtype of its activations."""
+        weight = self.model.embed_tokens.weight  # (a quantized head has no plain weight; the embedding does)
+        return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):

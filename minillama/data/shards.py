@@ -18,13 +18,13 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from minillama.checkpoint.atomic import atomic_folder, write_atomic
 from minillama.config import UserError
 
 FORMAT = "minillama-tokens-v1"
@@ -54,16 +54,23 @@ def write_shards(texts: list[str], tokenizer, folder: str | Path, shard_tokens: 
                  workers: int | None = None, desc: str = "tokenize") -> Path:
     """Encode texts as BOS + tokens + EOS, concatenated in input order, into folder/NNNNNN.bin + index.json.
 
-    Written to folder.tmp and renamed into place, so a folder that exists is complete.
+    Written to a temporary folder renamed into place (atomic_folder), so a folder that exists is complete.
     """
     folder = Path(folder)
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise UserError("the tokenizer has no BOS or EOS token; pretraining data needs both around each document")
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    workers = workers or min(os.cpu_count() or 1, 8)
+    with atomic_folder(folder) as tmp:
+        shards = _write_bins(texts, tokenizer, tmp, dtype, shard_tokens, workers or min(os.cpu_count() or 1, 8), desc)
+        index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+                 "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "documents": len(texts),
+                 "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return folder
+
+
+def _write_bins(texts, tokenizer, folder: Path, dtype, shard_tokens: int, workers: int, desc: str) -> list[dict]:
+    """The .bin files of write_shards, encoded by `workers` processes; returns [{"file", "tokens"}]."""
     shards, out, filled = [], None, 0
     bar = tqdm(total=len(texts), desc=desc, unit="doc", disable=not texts)
     # fork: the workers inherit the tokenizer instead of unpickling it (a SentencePiece or Rust object)
@@ -76,7 +83,7 @@ def write_shards(texts: list[str], tokenizer, folder: str | Path, shard_tokens: 
             while len(tokens):  # a document may straddle two shards; windows never cross one
                 if out is None:
                     shards.append({"file": f"{len(shards):06d}.bin", "tokens": 0})
-                    out, filled = open(tmp / shards[-1]["file"], "wb"), 0
+                    out, filled = open(folder / shards[-1]["file"], "wb"), 0
                 take = tokens[:shard_tokens - filled]
                 take.tofile(out)
                 filled += len(take)
@@ -89,13 +96,7 @@ def write_shards(texts: list[str], tokenizer, folder: str | Path, shard_tokens: 
     if out is not None:
         out.close()
     bar.close()
-    index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "documents": len(texts),
-             "tokens": sum(s["tokens"] for s in shards), "shards": shards}
-    (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+    return shards
 
 
 def pretokenize(splits: dict[str, list[str]], tokenizer, folder: str | Path) -> Path:
@@ -115,9 +116,7 @@ def pretokenize(splits: dict[str, list[str]], tokenizer, folder: str | Path) -> 
     path.unlink(missing_ok=True)
     for name, texts in splits.items():
         write_shards(texts, tokenizer, folder / name, desc=f"tokenize {name}")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(source, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(source, indent=1) + "\n")
     return folder
 
 
