@@ -27,6 +27,7 @@ COMMANDS = {
     "chat": ("infer.chat", "chat_flags", "chat_command", "talk to a chat model in the terminal"),
     "eval": ("evaluate.perplexity", "eval_flags", "eval_command", "perplexity and bits per byte of a model on a text"),
     "ngram": ("evaluate.ngram", "ngram_flags", "ngram_command", "n-gram baseline perplexity on a run's token shards"),
+    "lab": ("lab", "lab_flags", "lab_command", "experiments that show what the notes claim (none: list them)"),
     "bench": ("bench", "bench_flags", "bench_command", "speed against reference implementations, same run"),
     "quickstart": ("quickstart", "quickstart_flags", "quickstart_command", "train, sample and beat an n-gram"),
 }
