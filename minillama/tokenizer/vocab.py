@@ -116,11 +116,11 @@ PRE_TOKENIZERS = {
 IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
 
 
-def load_gguf(path: Path) -> Tokenizer:
+def load_gguf(path: Path, reader=None) -> Tokenizer:
     """The vocabulary llama.cpp keeps in a GGUF's metadata (read by checkpoint/gguf.py)."""
     from minillama.checkpoint.gguf import gguf_metadata
 
-    meta = gguf_metadata(path)
+    meta = gguf_metadata(path, reader)
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise UserError(f"{path}: this GGUF carries no tokenizer (no tokenizer.ggml.model / tokens)")
