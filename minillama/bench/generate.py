@@ -61,47 +61,15 @@ def bench_file(row: str) -> Path:
 
 def write_stories_gguf(path: Path, dtype) -> None:
     """stories110M's shape with random weights and Llama 2's 32k SentencePiece vocabulary, as GGUF."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
-    from gguf.quants import quantize
-
-    from minillama.checkpoint.names import GGUF, LAYER_NAMES, TOP_NAMES, interleaved_to_half
+    from minillama.checkpoint.gguf_export import export_gguf
     from minillama.config import preset
     from minillama.data.assets import llama_cpp_vocab_dir
     from minillama.model import Llama
+    from minillama.tokenizer import load_tokenizer
 
-    c = preset("stories110M").replace(max_seq_len=1024)
-    model = Llama(c).init_weights(0)
-    w = GGUFWriter(str(path), "llama")
-    for key, value in (("context_length", c.max_seq_len), ("embedding_length", c.dim), ("block_count", c.n_layers),
-                       ("feed_forward_length", c.ffn_dim), ("attention.head_count", c.n_heads),
-                       ("attention.head_count_kv", c.n_kv_heads), ("rope.dimension_count", c.head_dim)):
-        w.add_uint32(f"llama.{key}", value)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", c.norm_eps)
-    w.add_float32("llama.rope.freq_base", c.rope_theta)
-    vocab = GGUFReader(llama_cpp_vocab_dir() / "ggml-vocab-llama-spm.gguf")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(vocab.fields["tokenizer.ggml.tokens"].contents())
-    w.add_token_scores(vocab.fields["tokenizer.ggml.scores"].contents())
-    w.add_token_types(vocab.fields["tokenizer.ggml.token_type"].contents())
-    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_unk_token_id(0)
-    gguf_names = {k: v[GGUF] for k, v in TOP_NAMES.items()}
-    for i in range(c.n_layers):
-        gguf_names |= {f"model.layers.{i}.{k}": f"blk.{i}.{v[GGUF]}" for k, v in LAYER_NAMES.items() if v[GGUF]}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and c.tie_embeddings:
-            continue
-        if name.endswith(("q_proj.weight", "k_proj.weight")):  # back to llama.cpp's interleaved rotary pairs
-            heads = c.n_heads if "q_proj" in name else c.n_kv_heads
-            t = t.reshape(heads, 2, c.head_dim // 2, -1).transpose(1, 2).reshape(t.shape)
-            assert torch.equal(interleaved_to_half(t, heads), model.state_dict()[name])
-        array = t.float().numpy()
-        if dtype == torch.bfloat16 and t.dim() == 2:
-            w.add_tensor(gguf_names[name], quantize(array, GGMLQuantizationType.BF16), raw_shape=array.shape,
-                         raw_dtype=GGMLQuantizationType.BF16)
-        else:
-            w.add_tensor(gguf_names[name], array)
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
-    w.close()
+    model = Llama(preset("stories110M").replace(max_seq_len=1024)).init_weights(0)
+    tokenizer = load_tokenizer(llama_cpp_vocab_dir() / "ggml-vocab-llama-spm.gguf")
+    export_gguf(model, tokenizer, path, "bf16" if dtype == torch.bfloat16 else "f32", force=True)
 
 
 def weight_bytes(path: Path) -> int:

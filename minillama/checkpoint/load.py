@@ -212,15 +212,28 @@ def load_from_flags(args, tokenizer_required: bool = True):
 # ---- `minillama convert SRC DST` ----
 
 def convert_flags(p) -> None:
+    from minillama.checkpoint.gguf_export import TYPES
+
     p.add_argument("src", help="checkpoint folder or .gguf file to read")
-    p.add_argument("dst", help="folder to write (replaced atomically if it is a checkpoint already)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype of DST (default float32)")
+    p.add_argument("dst", help="folder to write (replaced atomically if it is a checkpoint already), or a .gguf "
+                               "file for llama.cpp")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype of a folder DST (default float32)")
+    p.add_argument("--type", choices=TYPES, default=None,
+                   help="matrix type of a .gguf DST (default f32; norms and biases stay f32)")
+    p.add_argument("--force", action="store_true", help="replace a .gguf DST that exists")
     p.add_argument("--max-shard-gb", type=float, default=2.0,
                    help="split weights into files of at most this many GB (default 2)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not copy the tokenizer")
 
 
 def convert_command(args) -> None:
+    if args.dst.endswith(".gguf"):
+        from minillama.checkpoint.gguf_export import convert_to_gguf
+
+        return convert_to_gguf(args)
+    if args.type is not None or args.force:
+        raise UserError("--type and --force are for a .gguf DST; a folder takes --dtype")
+    args.dtype = args.dtype or "float32"
     model, tokenizer = load_model_and_tokenizer(args.src, args.dtype, plain=True, tokenizer_required=False)
     if args.no_tokenizer:
         tokenizer = None

@@ -136,7 +136,7 @@ def load_gguf(path: Path, reader=None) -> Tokenizer:
         if pre not in PRE_TOKENIZERS:
             raise UserError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; "
                             f"supported: {', '.join(PRE_TOKENIZERS)}")
-        backend = _byte_level_backend(tokens, types, meta.get("tokenizer.ggml.merges") or [], pre)
+        backend = byte_level_backend(tokens, types, meta.get("tokenizer.ggml.merges") or [], pre)
         default_ids = {}
     else:
         raise UserError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (supported: llama, gpt2)")
@@ -150,7 +150,7 @@ def load_gguf(path: Path, reader=None) -> Tokenizer:
                      chat_template=meta.get("tokenizer.chat_template"))
 
 
-def _byte_level_backend(tokens: list[str], types: list[int], merges: list[str], pre: str):
+def byte_level_backend(tokens: list[str], types: list[int], merges: list[str], pre: str):
     """GPT-2 style BPE: text -> regex pieces -> UTF-8 bytes spelled as printable characters -> merges."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
