@@ -255,23 +255,28 @@ _module = None  # the built extension, or False when it could not be built
 def _build():
     global _module
     if _module is None:
-        from torch.utils.cpp_extension import load_inline
+        import hashlib
+        import importlib.util
 
         from minillama.data.assets import cache_dir
-
-        import hashlib
 
         source = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
         folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{source}"
         folder.mkdir(parents=True, exist_ok=True)
-        fresh = not any(folder.glob("*.so"))
-        if fresh:
-            print(f"building the decode kernels with the C++ compiler (once, cached in {folder}) ...",
-                  file=sys.stderr)
+        built = folder / "minillama_kernels.so"
         try:
-            _module = load_inline("minillama_kernels", cpp_sources=SOURCE,
-                                  functions=["linear_rows", "attn_in", "attn_out", "mlp"],
-                                  build_directory=str(folder), extra_cflags=["-O3", "-march=native"])
+            if built.exists():  # import it directly: cpp_extension and its ninja check cost ~0.3 s
+                spec = importlib.util.spec_from_file_location("minillama_kernels", built)
+                _module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(_module)
+            else:
+                from torch.utils.cpp_extension import load_inline
+
+                print(f"building the decode kernels with the C++ compiler (once, cached in {folder}) ...",
+                      file=sys.stderr)
+                _module = load_inline("minillama_kernels", cpp_sources=SOURCE,
+                                      functions=["linear_rows", "attn_in", "attn_out", "mlp"],
+                                      build_directory=str(folder), extra_cflags=["-O3", "-march=native"])
         except (RuntimeError, OSError, ImportError) as e:  # no compiler, or it failed
             print(f"note: could not build the decode kernels ({str(e).splitlines()[0][:120]}); using torch's "
                   "slower paths. Install g++ for the fast ones.", file=sys.stderr)
