@@ -16,14 +16,7 @@ MLA = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, hidden_dim=40, max_seq_
            qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=5, model_type="deepseek_v2")
 CONFIGS = {"q_proj": ModelConfig(**MLA), "q_lora": ModelConfig(**MLA, q_lora_rank=10)}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread, as in test_train.py (two wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def model_of(name, seed=0):

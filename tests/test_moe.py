@@ -23,14 +23,7 @@ FLAVOURS = {  # the three routings transformers implements
                             qk_nope_head_dim=6, v_head_dim=6, model_type="deepseek_v2"),
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread, as in test_train.py (two wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def block(name, seed=0):

@@ -21,14 +21,7 @@ from minillama.train.trainer import Trainer, bf16_supported, lr_at
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: two OpenMP threads wait on each other whenever another
-    process holds a core (a 40 ms step becomes seconds); one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def losses(run, key="loss"):

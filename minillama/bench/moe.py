@@ -112,17 +112,22 @@ def moe_bench_flags(p) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="forward: T (default 256)")
     p.add_argument("--steps", type=int, default=32, help="decode steps per round (default 32)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, median reported (default 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for both (default torch's; 1 = compute alone, without the stalls a busy "
+                        "machine causes in every multi-threaded op)")
 
 
 def moe_bench(args) -> None:
     sizes = (args.dim, args.layers, args.vocab, args.batch_size, args.seq_len, args.steps, args.rounds)
-    if args.dim % 256 or min(sizes) < 1:
-        raise UserError("--dim must be a multiple of 256; the other sizes positive")
+    if args.dim % 256 or min(sizes) < 1 or args.threads is not None and args.threads < 1:
+        raise UserError("--dim must be a multiple of 256; the other sizes and --threads positive")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = bench_shape(args.dim, args.layers, args.vocab)
     result = run_bench(config, args.batch_size, args.seq_len, args.steps, args.rounds)
     print(f"Mixtral shape: dim {config.dim}, {config.n_layers} layers, {config.n_experts} experts of "
           f"{config.ffn_dim} (top {config.experts_per_token}), vocab {config.vocab_size:,}; "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} rounds")
+          f"threads {torch.get_num_threads()}, median of {args.rounds} rounds")
     print(f"{'':24} {'minillama':>11} {'transformers':>13} {'ratio':>7}")
     for kind, label in (("forward", f"forward {args.batch_size} x {args.seq_len} tok/s"),
                         ("decode", "decode batch 1 tok/s")):

@@ -21,7 +21,7 @@ from minillama.lab.common import figure, one_thread, save, shakespeare_bytes, ta
 from minillama.model import Llama
 from minillama.model.calc import count_params
 
-SIZES = {False: dict(dim=256, n_layers=4, n_heads=8, seconds=120.0, batch=16, seq=128, decode_batch=8,
+SIZES = {False: dict(dim=256, n_layers=4, n_heads=8, seconds=180.0, batch=16, seq=64, decode_batch=8,
                      context=1024, steps=32),
          True: dict(dim=64, n_layers=2, n_heads=8, seconds=5.0, batch=8, seq=64, decode_batch=4, context=256,
                     steps=8)}

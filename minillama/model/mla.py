@@ -30,6 +30,8 @@ LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm and kv_a_layernorm use RMSNor
 
 
 class LatentAttention(nn.Module):
+    """DeepSeek-V2's attention, (B, T, C) -> (B, T, C), with the interface of llama.Attention."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         C, H = config.dim, config.n_heads

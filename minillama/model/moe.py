@@ -69,19 +69,20 @@ def grouped(experts, x, weights, chosen):
     """Each expert once, on the rows routed to it. x (N, C); weights, chosen (N, k) -> (N, C).
 
     The N·k (token, choice) pairs sorted by expert are contiguous per expert: gather the rows in that order,
-    run expert e on its slice, scale each output row by its weight and add it back to its token. While
-    training every expert runs, an idle one on 0 rows, so each gets a gradient (zeros): DDP then sees
-    every parameter used.
+    run expert e on its slice, put the outputs back in pair order and sum each token's k of them, weighted.
+    (Summing by a gather, not index_add_: that scatters, and PyTorch's CPU scatter stalls for ~100 ms
+    whenever another process holds a core.) While training every expert runs, an idle one on 0 rows, so
+    each gets a gradient (zeros): DDP then sees every parameter used.
     """
     N, k = chosen.shape
+    C = x.shape[1]
     flat = chosen.reshape(-1)  # (N·k,) pair p is token p // k's (p % k)-th choice
     order = flat.argsort(stable=True)  # (N·k,) pairs grouped by expert
     counts = torch.bincount(flat, minlength=len(experts)).tolist()  # rows per expert (one sync with the host)
-    token = order // k  # (N·k,) the token of each sorted pair
-    parts = x[token].split(counts)  # E slices of (n_e, C)
+    parts = x[order // k].split(counts)  # E slices of (n_e, C): each pair's token row
     outputs = [expert(part) for expert, part in zip(experts, parts) if len(part) or torch.is_grad_enabled()]
-    out = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)  # (N·k, C)
-    return torch.zeros_like(x).index_add_(0, token, out)  # (N, C)
+    out = torch.cat(outputs)[order.argsort()]  # (N·k, C) back in pair order
+    return (out.view(N, k, C) * weights[..., None].to(x.dtype)).sum(dim=1)  # (N, C)
 
 
 def dense_reference(experts, x, weights, chosen):
