@@ -224,16 +224,16 @@ class Llama(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KV cache for this model, on its device, in the dtype of its activations; latent
-        attention keeps its own layout (mla.LatentCache) behind the same API."""
+        """An empty KV cache for this model, on its device, in the dtype of its activations (the norms');
+        latent attention keeps its own layout (mla.LatentCache) behind the same API."""
         from minillama.model.mla import LatentCache
 
-        weight = self.model.embed_tokens.weight  # (a quantized head has no plain weight; the embedding does)
+        norm = self.model.norm.weight  # (matmul weights may be bf16 or quantized; the norms never are)
         kind = KVCache if self.config.kv_lora_rank is None else LatentCache
-        return kind(self.config, batch_size, max_len, weight.device, weight.dtype)
+        return kind(self.config, batch_size, max_len, norm.device, norm.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):

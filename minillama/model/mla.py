@@ -91,7 +91,8 @@ class LatentAttention(nn.Module):
     def absorbed(self, q_nope, q_rope, kv, mask):
         """q_nope · (W_k c) = (W_kᵀ q_nope) · c and Σ p·(W_v c) = W_v (Σ p·c): move the up-projection from
         the S keys to the T queries and outputs, and attend over the latents as one shared kv head."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)  # (H, Dn + Dv, R)
+        w = self.kv_b_proj.weight.to(q_nope.dtype)  # (a no-op unless the weights are stored narrower: bf16)
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)  # (H, Dn + Dv, R)
         w_k, w_v = w.split([self.nope_dim, self.v_dim], dim=1)  # (H, Dn, R), (H, Dv, R)
         q = torch.cat([q_nope @ w_k, q_rope], dim=-1)  # (B, H, T, Dn) @ (H, Dn, R) -> (B, H, T, R + Dr)
         keys = kv.unsqueeze(1)  # (B, 1, S, R + Dr): latent and rope key, one kv head for all H
