@@ -1,6 +1,7 @@
 """`minillama bench moe`: the mixture-of-experts forward against transformers' MixtralForCausalLM, on the
 same random weights (ours saved as a Mixtral folder, read by from_pretrained with its defaults: SDPA
-attention and its grouped-matmul experts).
+attention and its grouped-matmul experts). Ours runs as every command runs it, after perf/fast.make_fast:
+its matmuls FastLinear (C++ kernels for the few rows of a decode step), the layers their reference forward.
 
 Two measurements, each a ratio of speeds taken in the same run, contenders alternating within rounds:
   forward   a batch of B x T tokens through the whole model to the logits (prefill / inference shape);
@@ -35,12 +36,14 @@ def contenders(config: ModelConfig):
     """(ours, transformers') on the same weights, both in eval mode; raises if their logits differ."""
     from minillama.checkpoint import save_model
     from minillama.model import Llama
+    from minillama.perf.fast import make_fast
 
     transformers = import_transformers()
     ours = Llama(config).init_weights(0).eval()
     with tempfile.TemporaryDirectory() as folder:
         save_model(ours, folder)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    make_fast(ours)  # the default path (load_model_and_tokenizer applies it too)
     ids = torch.randint(0, config.vocab_size, (2, 12))
     with torch.no_grad():
         diff = (ours(ids) - theirs(input_ids=ids).logits).abs().max().item()
