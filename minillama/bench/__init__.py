@@ -7,6 +7,8 @@ BENCHMARKS = {
               "training tokens/s against transformers' LlamaForCausalLM on the same weights"),
     "generate": ("minillama.bench.generate", "generate_bench_flags", "generate_bench",
                  "decode/prefill tok/s against transformers on the same weights"),
+    "moe": ("minillama.bench.moe", "moe_bench_flags", "moe_bench",
+            "mixture-of-experts forward and decode against transformers' Mixtral on the same weights"),
 }
 
 

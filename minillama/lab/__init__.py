@@ -13,7 +13,11 @@ from pathlib import Path
 from minillama.config import UserError
 
 # name: (module under minillama.lab, what it shows); `minillama lab` lists them
-EXPERIMENTS: dict[str, tuple[str, str]] = {}
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "experts": ("experts", "dense vs mixture of experts at equal active parameters; routing with and without "
+                           "the balance loss"),
+    "attention": ("attention", "MHA, GQA, MQA and latent attention: KV-cache bytes, decode speed, quality"),
+}
 
 
 def lab_flags(p) -> None:

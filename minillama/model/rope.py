@@ -14,7 +14,7 @@ def rope_base(config: ModelConfig) -> float:
     """The rotary base actually used. NTK-aware scaling (bloc97, 2023, "NTK-Aware Scaled RoPE") raises it so
     the lowest frequency stretches by the factor while the highest barely moves: base · factor^(D/(D-2))."""
     if config.rope_scaling == "ntk":
-        D = config.head_dim
+        D = config.rope_dim
         return config.rope_theta * config.rope_factor ** (D / (D - 2))
     return config.rope_theta
 
@@ -25,7 +25,7 @@ def rope_tables(config: ModelConfig, length: int, device=None):
     linear = position interpolation (Chen et al. 2023, arXiv:2306.15595): squeeze positions by the factor
     so they stay in the trained range; ntk = raise the base instead (rope_base).
     """
-    D = config.head_dim
+    D = config.rope_dim  # the head, or the rotary part of a latent-attention head
     inv_freq = 1.0 / rope_base(config) ** (torch.arange(0, D, 2, device=device, dtype=torch.float64) / D)  # (D/2,)
     positions = torch.arange(length, device=device, dtype=torch.float64)
     if config.rope_scaling == "linear":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillama.model.llama import Attention, DecoderLayer
+from minillama.model.llama import MLP, Attention, DecoderLayer
 from minillama.perf import kernels
 
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per block of 32 weights
@@ -130,9 +130,11 @@ class FastDecoderLayer(DecoderLayer):
     """A DecoderLayer whose decode steps (one new token per row, up to kernels.MAX_ROWS rows, fp32) run as
     three C++ calls around the cache write, instead of ~70 PyTorch ops whose dispatch costs more than
     reading the layer's weights: attn_in (norm, q/k/v, rotary), attn_out (attention over the cache, o_proj,
-    residual), mlp (norm, SwiGLU, residual). Any other call is DecoderLayer.forward, the reference."""
+    residual), mlp (norm, SwiGLU, residual). Any other call is DecoderLayer.forward, the reference.
+    Only layers of llama.Attention and a dense MLP become one (make_fast): latent attention and experts
+    keep the reference forward."""
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, router_logits=None):
         attn, mlp = self.self_attn, self.mlp
         B, T, C = x.shape
         parts = [raw(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
@@ -140,7 +142,7 @@ class FastDecoderLayer(DecoderLayer):
         if cache is None or T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32 or None in parts \
                 or type(attn) is not Attention or not kernels.available() or attn.o_proj.bias is not None \
                 or any(n % 32 for n in (C, attn.o_proj.in_features, mlp.down_proj.in_features)):
-            return super().forward(x, cos, sin, mask, cache, layer)
+            return super().forward(x, cos, sin, mask, cache, layer, router_logits)
         H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
         ext = kernels.module()
         x2 = x.reshape(B, C)  # (B, C): one token per row
@@ -168,7 +170,7 @@ def make_fast(model: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
                 setattr(module, name, FastLinear.from_linear(child))
-        if type(module) is DecoderLayer:
+        if type(module) is DecoderLayer and type(module.self_attn) is Attention and type(module.mlp) is MLP:
             module.__class__ = FastDecoderLayer  # same parameters and names; only forward changes
     return model
 
