@@ -214,12 +214,12 @@ class Llama(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KV cache for this model, on its device, in the dtype of its activations."""
-        weight = self.model.embed_tokens.weight  # (a quantized head has no plain weight; the embedding does)
-        return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
+        """An empty KV cache for this model, on its device, in the dtype of its activations (the norms')."""
+        norm = self.model.norm.weight  # (matmul weights may be bf16 or quantized; the norms never are)
+        return KVCache(self.config, batch_size, max_len, norm.device, norm.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
