@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minillama.lab.common import attention_weights, figure, progress, save, smollm2, table
+from minillama.lab.common import attention_weights, figure, one_thread, progress, save, smollm2, table
 
 SENTENCE = "The animal didn't cross the street because it was too tired"
 CONTRAST = "The animal didn't cross the street because it was too wide"
@@ -75,6 +75,7 @@ def draw(tokens, w, ranked: list[dict]):
     return fig
 
 
+@one_thread()  # SmolLM2's matrices on one core: on a busy 2-core machine two threads wait on each other
 def run(out: Path, quick: bool = False, model=None, tokenizer=None) -> dict:
     model, tokenizer = smollm2(model, tokenizer)
     bar = progress(2, "attention-maps")

@@ -16,7 +16,7 @@ import torch
 
 from minillama.config import GenerationConfig
 from minillama.infer.generate import generate_ids
-from minillama.lab.common import figure, progress, save, smollm2, table
+from minillama.lab.common import figure, one_thread, progress, save, smollm2, table
 from minillama.model.llama import attention_mask_of
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived a", "2 + 2 ="]
@@ -70,6 +70,7 @@ def draw(ids, mask, tokenizer):
     return fig
 
 
+@one_thread()  # SmolLM2's matrices on one core: on a busy 2-core machine two threads wait on each other
 def run(out: Path, quick: bool = False, model=None, tokenizer=None) -> dict:
     new_tokens = 6 if quick else 12
     model, tokenizer = smollm2(model, tokenizer)

@@ -16,7 +16,7 @@ import torch
 
 from minillama.config import GenerationConfig
 from minillama.infer.sampling import filter_logits, sample
-from minillama.lab.common import entropy_bits, figure, progress, save, smollm2, table
+from minillama.lab.common import entropy_bits, figure, one_thread, progress, save, smollm2, table
 
 NOTES_EXAMPLE = {"cheese": 0.4, "mouse": 0.6}
 NOTES_TABLE = {1.0: (0.4, 0.6), 0.5: (0.31, 0.69), 0.2: (0.12, 0.88), 0.0: (0.0, 1.0)}  # T: (cheese, mouse)
@@ -96,6 +96,7 @@ def draw(example: list[dict], logits: torch.Tensor, tokenizer, temperatures):
     return fig
 
 
+@one_thread()  # SmolLM2's matrices on one core: on a busy 2-core machine two threads wait on each other
 def run(out: Path, quick: bool = False, model=None, tokenizer=None) -> dict:
     bar = progress(3, "temperature")
     example = notes_example(draws=4000 if quick else 100_000)

@@ -30,7 +30,7 @@ QUICK = dict(train_bytes=150_000, val_bytes=15_000, sizes={"shakespeare": (1024,
              model_sizes=(1024, 2048), dim=64, layers=2, seq_len=64, batch=8, steps=20, lr=3e-3)
 FULL = dict(train_bytes=2_000_000, val_bytes=200_000,
             sizes={"shakespeare": (512, 1024, 2048, 4096, 8192), "people-daily": (2048, 4096, 8192, 16384)},
-            model_sizes=(2048, 8192), dim=128, layers=4, seq_len=64, batch=16, steps=400, lr=2e-3)
+            model_sizes=(2048, 8192), dim=96, layers=4, seq_len=64, batch=16, steps=250, lr=2e-3)
 MIN_COVERAGE = 0.98  # the lowest character_coverage SentencePiece accepts
 
 
