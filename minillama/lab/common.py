@@ -150,11 +150,13 @@ def bits(model, ids: torch.Tensor, context: int) -> dict:
 
 
 def smollm2(model=None, tokenizer=None):
-    """SmolLM2-135M-Instruct and its tokenizer (a test passes its session's copy; ~15 s to load)."""
+    """SmolLM2-135M-Instruct and its tokenizer (a test passes its session's copy; ~15 s to load). Plain: every
+    weight a float32 nn.Linear, the reference, as the lab looks inside the layers and compares batch shapes
+    (the fast path's prefill of many rows runs the 4-bit blocks in bf16)."""
     if model is None or tokenizer is None:
         from minillama.checkpoint import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer("smollm2")
+        model, tokenizer = load_model_and_tokenizer("smollm2", plain=True)
     return model, tokenizer
 
 
