@@ -22,6 +22,10 @@ from minillama.perf import kernels
 
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per block of 32 weights
 PREFILL_DTYPE = {"q8_0": torch.float32, "q4_0": torch.bfloat16, "q4_1": torch.bfloat16}
+# Up to this many rows (a chat prompt, a server's batch of prompts) the kernels take the blocks 8 rows a
+# call; beyond, one dequantization and torch's GEMM win. Measured, 1536 x 576 Q4_1, one thread: 32 rows
+# 1.4 ms vs 11.5, 128 rows 5.8 vs 7.6 (the dequantization alone ~3.7 ms).
+KERNEL_ROWS = 128
 
 
 def dequantize(blocks, kind: str, dtype=torch.float32):
@@ -59,8 +63,10 @@ class GGMLLinear(nn.Module):
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] <= kernels.MAX_ROWS and kernels.available():
-            y = kernels.linear_rows(x2.float(), self.blocks, self.kind, self.out_features)  # (M, N)
+        if x2.shape[0] <= KERNEL_ROWS and kernels.available():
+            rows = x2.float()
+            y = torch.cat([kernels.linear_rows(rows[i:i + kernels.MAX_ROWS], self.blocks, self.kind, self.out_features)
+                           for i in range(0, len(rows), kernels.MAX_ROWS)])  # (M, N), 8 rows a call
         else:
             dtype = PREFILL_DTYPE[self.kind]
             y = F.linear(x2.to(dtype), dequantize(self.blocks, self.kind, dtype))
