@@ -133,3 +133,43 @@ def test_engine_cancel_frees_the_slot_and_stop_strings_end_the_text():
     finally:
         engine.stop()
     assert engine.stats["cancelled"] == 1 and len(engine.pool.free) == engine.pool.n_blocks
+
+
+def test_engine_on_smollm2s_fast_path_answers_as_minillama_generate(smollm2_path, monkeypatch):
+    """SmolLM2's GGUF loaded as `minillama serve` loads it (load_model_and_tokenizer: Q4_1 blocks kept,
+    FastDecoderLayer): chat prompts sent together through the engine get the greedy tokens that
+    infer.stream.generate (what `minillama generate` runs) gives each alone, and every decode step of the
+    engine went through the fused layer (DecoderLayer.forward, the fallback, ran only prompt chunks)."""
+    from minillama.checkpoint import load_model_and_tokenizer
+    from minillama.infer.stream import generate
+    from minillama.infer.templates import render_chat
+    from minillama.model.llama import DecoderLayer
+
+    model, tokenizer = load_model_and_tokenizer(str(smollm2_path))
+    assert isinstance(model.layers[0], fast.FastDecoderLayer)
+    assert isinstance(model.layers[0].self_attn.q_proj, fast.GGMLLinear)
+    # short prompts (at most 8 tokens: their prefill takes the kernels too, not a dequantized GEMM, which
+    # is slow on a busy machine) and one chat prompt through the checkpoint's template
+    texts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Three colours:", "1, 2, 3,"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    assert all(len(p) <= 8 for p in prompts)
+    chat = render_chat(tokenizer, [{"role": "user", "content": "Who wrote Hamlet?"}])
+    prompts.insert(2, tokenizer.encode(chat, bos=False, special=True))
+    config = GenerationConfig(max_new_tokens=12, temperature=0)
+    alone = [generate(model, tokenizer, [p], config)[0][0].tokens for p in prompts]
+
+    original, steps = DecoderLayer.forward, []
+
+    def counted(layer, x, *args, **kwargs):
+        steps.append(x.shape[1])
+        return original(layer, x, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderLayer, "forward", counted)
+    engine = Engine(model, tokenizer, kv_cache_mb=64).start()
+    try:
+        results = run_engine(engine, [Request(p, config) for p in prompts], stagger=0.01)
+    finally:
+        engine.stop()
+    assert [tokens for tokens, _, _ in results] == alone
+    assert engine.stats["peak_running"] > 1 and all(done.kind == "done" for _, _, done in results)
+    assert steps and 1 not in steps  # the fallback saw prompt chunks only, never a decode step
