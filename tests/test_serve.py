@@ -17,9 +17,10 @@ from minillama.config import ModelConfig, ServeConfig
 from test_engine import ascii_stop
 from test_generate import byte_tokenizer
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+SERVE_EXTRA = "needs the serve extra and the openai client: pip install -e '.[test]'"
+openai = pytest.importorskip("openai", reason=SERVE_EXTRA)
+pytest.importorskip("fastapi", reason=SERVE_EXTRA)
+uvicorn = pytest.importorskip("uvicorn", reason=SERVE_EXTRA)
 
 CONFIG = ModelConfig(vocab_size=257, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=256,
                      bos_token_id=None, eos_token_id=256)
