@@ -298,3 +298,19 @@ def test_fuzzed_requests_never_get_a_500(server):
     while engine.gauges()["running"] and time.time() < deadline:
         time.sleep(0.05)
     assert engine.gauges()["running"] == 0 and len(engine.pool.free) == engine.pool.n_blocks
+
+
+def test_bench_serve_measures_streaming_clients_and_reports_ratios(server):
+    """`minillama bench serve`'s client side against this server (llama.cpp's server is the other contender
+    in the real run): every request is counted, the latencies are ordered, the ratio is of the tok/s."""
+    from minillama.bench.serve import format_table, run_clients
+
+    url, engine = server
+    port = int(url.rsplit(":", 1)[1])
+    row = run_clients(port, 4, 2, 6, count=lambda text: len(text.encode()))  # byte tokenizer: a byte a token
+    assert row["requests"] == 8 and 0 < row["tokens"] <= 8 * 6 * 4 and row["tok_s"] > 0
+    assert row["ttft"] <= row["p50"] <= row["p95"]
+    table = [{"contender": "minillama", "clients": 4, **row},
+             {"contender": "llama.cpp", "clients": 4, **row | {"tok_s": row["tok_s"] / 2}}]
+    assert [line.split("|")[9].strip() for line in format_table(table).splitlines()[2:4]] == ["2.00x", "1.00x"]
+    assert engine.gauges()["running"] == 0

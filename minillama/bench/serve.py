@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import deque
 from pathlib import Path
 
 from minillama.config import UserError
@@ -43,10 +44,13 @@ def start(contender: str, path: Path, port: int) -> subprocess.Popen:
                "--host", "127.0.0.1", "--n_threads", "2", "--n_ctx", "2048", "--verbose", "False",
                "--interrupt_requests", "False"]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tail = deque(maxlen=20)  # the server's last stderr lines, read as they come: a full pipe would stall it
+    threading.Thread(target=tail.extend, args=(process.stderr,), daemon=True).start()
     deadline = time.time() + 600
     while time.time() < deadline:
         if process.poll() is not None:
-            raise UserError(f"{contender} server exited: {process.stderr.read()[-500:]}")
+            time.sleep(0.5)  # the reader catches up
+            raise UserError(f"{contender} server exited: {''.join(tail)[-500:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
                 if r.status == 200 and _ready(port, contender):
