@@ -137,7 +137,7 @@ def test_engine_cancel_frees_the_slot_and_stop_strings_end_the_text():
 
 def test_engine_on_smollm2s_fast_path_answers_as_minillama_generate(smollm2_path, monkeypatch):
     """SmolLM2's GGUF loaded as `minillama serve` loads it (load_model_and_tokenizer: Q4_1 blocks kept,
-    FastDecoderLayer): chat prompts sent together through the engine get the greedy tokens that
+    FastDecoderLayer): prompts (five texts, one chat) sent together through the engine get the greedy tokens that
     infer.stream.generate (what `minillama generate` runs) gives each alone, and every decode step of the
     engine went through the fused layer (DecoderLayer.forward, the fallback, ran only prompt chunks)."""
     from minillama.checkpoint import load_model_and_tokenizer
