@@ -9,6 +9,8 @@ BENCHMARKS = {
                  "decode/prefill tok/s against transformers on the same weights"),
     "moe": ("minillama.bench.moe", "moe_bench_flags", "moe_bench",
             "mixture-of-experts forward and decode against transformers' Mixtral on the same weights"),
+    "serve": ("minillama.bench.serve", "serve_bench_flags", "serve_bench",
+              "streaming clients (1, 8, 32) against llama-cpp-python's OpenAI server on the same GGUF"),
 }
 
 

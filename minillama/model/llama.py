@@ -53,10 +53,13 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(layer, k, v)  # (B, K, S, D): the past and the new
         attend = scaled_dot_product_attention if self.use_sdpa else reference_attention
-        y = attend(q, k, v, mask)  # (B, H, T, D)
+        if hasattr(cache, "attend"):  # a paged cache stores k, v in its blocks and attends row by row
+            y = cache.attend(layer, q, k, v, mask, attend)  # (B, H, T, D)
+        else:
+            if cache is not None:
+                k, v = cache.write(layer, k, v)  # (B, K, S, D): the past and the new
+            y = attend(q, k, v, mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
         return self.o_proj(y)
 
