@@ -60,7 +60,8 @@ def plot_losses(entries: list[dict], path: Path) -> None:
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a 1024³ matmul, best of 5 repeats: this machine's practical peak, the MFU denominator."""
-    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    # its own generator: the global one is the run's (dropout), which a resumed run restores before this
+    a = torch.randn(1024, 1024, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
