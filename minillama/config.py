@@ -217,6 +217,8 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float = option(16.0, "LoRA scale: the update is alpha / R x B A")
     lora_dropout: float = option(0.05, "dropout on the input of the LoRA path")
     lora_targets: list[str] = option(list(LORA_TARGETS), "the decoder's linears that get LoRA", nargs="+")
+    lora_layers: int | None = option(None, "LoRA on the last N decoder layers only (default all): the backward "
+                                           "pass stops below them, a faster fine-tune on a CPU")
     pack: bool = option(False, "sft: pack several examples into a row; attention stays inside each one")
     on_bad_line: str = option("stop", "an example that is not JSON, has no assistant turn or is longer than "
                                       "--seq-len: stop there, or skip it with a warning", choices=["stop", "skip"])
@@ -235,6 +237,8 @@ class FinetuneConfig(TrainConfig):
             raise UserError("no data: give --data FILE or a labelled corpus")
         if self.lora is not None and (self.lora <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
             raise UserError("--lora must be a positive rank, --lora-alpha positive, --lora-dropout in [0, 1)")
+        if self.lora_layers is not None and (self.lora is None or self.lora_layers <= 0):
+            raise UserError("--lora-layers N takes a positive N, with --lora R")
         fractions = (self.val_fraction, self.test_fraction)
         if not (all(0 < f < 1 for f in fractions) and sum(fractions) < 1):
             raise UserError("--val-fraction and --test-fraction must be in (0, 1) and leave training examples")

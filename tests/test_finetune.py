@@ -72,7 +72,7 @@ def log(run, key="loss"):
 
 def test_classifier_learns_and_is_a_transformers_classifier(tiny):
     transformers = pytest.importorskip("transformers")
-    finetune(run_config(tiny, "classify", task="classify", max_steps=60, lr=1e-2))
+    finetune(run_config(tiny, "classify", task="classify", max_steps=60, lr=1e-3))
     run = tiny / "classify"
     losses = list(log(run).values())
     assert sum(losses[-10:]) < sum(losses[:10]) - 3  # from about ln 3 = 1.1 a step to well below

@@ -23,7 +23,7 @@ CONFIG = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def lora_model(r=4, alpha=8.0, seed=0, classifier=False):
+def lora_model(r=4, alpha=8.0, seed=0, classifier=False, layers=None):
     """A seeded tiny model with LoRA whose B is not zero (a trained adapter, not a fresh one)."""
     model = Llama(CONFIG).init_weights(seed)
     if classifier:
@@ -31,7 +31,7 @@ def lora_model(r=4, alpha=8.0, seed=0, classifier=False):
         clf.model = model.model
         torch.nn.init.normal_(clf.score.weight, std=0.5, generator=torch.Generator().manual_seed(seed))
         model = clf
-    apply_lora(model, r, alpha, 0.0, TARGETS, seed=seed)
+    apply_lora(model, r, alpha, 0.0, TARGETS, layers, seed=seed)
     with torch.no_grad():
         for layer in lora_modules(model).values():
             layer.lora_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
@@ -58,6 +58,7 @@ def test_fresh_lora_is_the_base_model_and_counts_match_calc():
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # per layer r·(in + out): q 32 -> 32, v 32 -> 16, down 48 -> 32
     assert n_lora == count_lora_params(CONFIG, 4, TARGETS) == 2 * 4 * ((32 + 32) + (32 + 16) + (48 + 32))
+    assert count_lora_params(CONFIG, 4, TARGETS, layers=1) == n_lora // 2
 
 
 def test_merged_equals_unmerged():
@@ -96,8 +97,10 @@ def test_forward_equals_peft_on_the_same_weights(base_folder):
         torch.testing.assert_close(reference.eval()(x).logits, ours(x), atol=1e-5, rtol=0)
 
 
-def test_our_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(base_folder, tmp_path):
-    ours = lora_model()
+@pytest.mark.parametrize("layers", [None, [1]])
+def test_our_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(base_folder, tmp_path, layers):
+    ours = lora_model(layers=layers)  # [1]: the top layer only, peft's layers_to_transform
+    assert len(lora_modules(ours)) == len(TARGETS) * (2 if layers is None else 1)
     save_adapter(ours, tmp_path / "adapter", str(base_folder))
     hf = transformers.AutoModelForCausalLM.from_pretrained(base_folder)
     loaded = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
@@ -106,7 +109,7 @@ def test_our_adapter_loads_in_peft_and_peft_adapter_loads_in_ours(base_folder, t
         expected = ours(x)
         torch.testing.assert_close(loaded(x).logits, expected, atol=1e-5, rtol=0)
     loaded.save_pretrained(tmp_path / "peft_saved")  # peft's own writer
-    again = apply_lora(Llama(CONFIG).init_weights(0), 4, 8.0, 0.0, TARGETS, seed=1).eval()
+    again = apply_lora(Llama(CONFIG).init_weights(0), 4, 8.0, 0.0, TARGETS, layers, seed=1).eval()
     load_adapter(tmp_path / "peft_saved", again)
     with torch.no_grad():
         torch.testing.assert_close(again(x), expected, atol=1e-6, rtol=0)

@@ -28,6 +28,7 @@ def adapter_config(model, base: str) -> dict:
         raise ValueError("the model has no LoRA layers to save as an adapter")
     first = next(iter(layers.values()))
     classifier = hasattr(model, "score")
+    adapted = sorted({int(name.split("layers.")[1].split(".")[0]) for name in layers})  # model.layers.{i}.
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
@@ -36,6 +37,7 @@ def adapter_config(model, base: str) -> dict:
         "lora_alpha": first.alpha,
         "lora_dropout": first.dropout,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+        "layers_to_transform": None if len(adapted) == len(model.layers) else adapted,
         "modules_to_save": sorted({name.split(".")[0] for name in trainable_state(model) if ".lora_" not in name})
         or None,
         "bias": "none",

@@ -103,9 +103,12 @@ def generated_predictions(model, tokenizer, prompts: list[list[int]], labels: li
 
     was_training = model.training
     model.eval()
-    config = GenerationConfig(max_new_tokens=8, temperature=0.0)
     answers = []
     for i in range(0, len(prompts), batch_size):
-        answers += [c.text for c in generate(model, tokenizer, prompts[i:i + batch_size], config)[0]]
+        batch = prompts[i:i + batch_size]
+        # 16 tokens: room for "The category is ...", as far as the context allows
+        room = model.config.max_seq_len - max(len(p) for p in batch)
+        config = GenerationConfig(max_new_tokens=max(1, min(16, room)), temperature=0.0)
+        answers += [c.text for c in generate(model, tokenizer, batch, config)[0]]
     model.train(was_training)
     return [parse_label(a, labels) for a in answers], answers

@@ -103,8 +103,9 @@ def training_memory(config: ModelConfig, batch_size: int, seq_len: int, dtype: s
     return training
 
 
-def count_lora_params(config: ModelConfig, r: int, targets=LORA_TARGETS) -> int:
-    """Trainable numbers of LoRA rank r on the `targets` linears of every layer: r·(in + out) each."""
+def count_lora_params(config: ModelConfig, r: int, targets=LORA_TARGETS, layers: int | None = None) -> int:
+    """Trainable numbers of LoRA rank r on the `targets` linears of every layer (or of the last `layers`):
+    r·(in + out) each."""
     C, F = config.dim, config.ffn_dim
     q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim  # H·D, K·D
     shapes = {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C),
@@ -113,7 +114,7 @@ def count_lora_params(config: ModelConfig, r: int, targets=LORA_TARGETS) -> int:
     if unknown or r <= 0:
         raise UserError(f"LoRA rank {r} on {unknown or targets}: the rank must be positive and the targets among "
                         f"{', '.join(shapes)}")
-    return config.n_layers * r * sum(sum(shapes[t]) for t in set(targets))
+    return min(layers or config.n_layers, config.n_layers) * r * sum(sum(shapes[t]) for t in set(targets))
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -231,6 +232,8 @@ def params_flags(p) -> None:
                    help="also the trainable parameters and training memory with LoRA of rank R")
     p.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS), metavar="NAME",
                    help=f"the linears LoRA adapts (default {' '.join(LORA_TARGETS)})")
+    p.add_argument("--lora-layers", type=int, default=None, metavar="N",
+                   help="LoRA on the last N layers only (default all)")
 
 
 def params_command(args) -> None:
@@ -239,7 +242,7 @@ def params_command(args) -> None:
     params = count_params(config)
     memory = memory_estimate(config, args.batch_size, seq_len, args.dtype)
     if args.lora is not None:
-        trainable = count_lora_params(config, args.lora, args.lora_targets)
+        trainable = count_lora_params(config, args.lora, args.lora_targets, args.lora_layers)
         memory |= {"lora_rank": args.lora,
                    "training_lora": training_memory(config, args.batch_size, seq_len, args.dtype, trainable)}
     flops = flops_per_token(config, seq_len)

@@ -46,10 +46,12 @@ class LoRALinear(nn.Module):
         return linear.requires_grad_(False)
 
 
-def _targets_in(model, targets) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, module) of every module named in `targets` inside the decoder layers."""
+def _targets_in(model, targets, layers) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) of every module named in `targets` inside the chosen decoder layers."""
     found = []
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
+        if layers is not None and i not in layers:
+            continue
         for parent in layer.modules():
             for name, child in parent.named_children():
                 if name in targets:
@@ -57,14 +59,19 @@ def _targets_in(model, targets) -> list[tuple[nn.Module, str, nn.Module]]:
     return found
 
 
-def apply_lora(model, r: int, alpha: float, dropout: float = 0.0, targets=LORA_TARGETS, seed: int | None = None):
+def apply_lora(model, r: int, alpha: float, dropout: float = 0.0, targets=LORA_TARGETS, layers=None,
+               seed: int | None = None):
     """model -> the same model with every weight frozen and LoRA on the `targets` linears of its decoder
-    layers (a Llama or a LlamaForSequenceClassification; the caller unfreezes a new head). In place."""
+    layers, or only of the layers whose indices are in `layers` (peft's layers_to_transform: adapting the
+    top layers alone, the backward pass stops below them). A Llama or a LlamaForSequenceClassification (the
+    caller unfreezes a new head). In place."""
     if r <= 0 or alpha <= 0 or not 0 <= dropout < 1:
         raise ValueError(f"LoRA needs rank > 0, alpha > 0 and dropout in [0, 1), got {r}, {alpha}, {dropout}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model.requires_grad_(False)
-    found = _targets_in(model, set(targets))
+    if layers is not None and not set(layers) <= set(range(len(model.layers))):
+        raise ValueError(f"LoRA layers {sorted(layers)}: the model has layers 0 to {len(model.layers) - 1}")
+    found = _targets_in(model, set(targets), layers)
     names = {name for _, name, _ in found}
     if set(targets) - names:
         raise ValueError(f"LoRA targets {sorted(set(targets) - names)} are not linear layers of the decoder; "

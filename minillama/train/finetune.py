@@ -53,7 +53,7 @@ def _finetune(c: FinetuneConfig, procs, on_step) -> TrainResult:
     run, found = open_run(c, procs)
     torch.manual_seed(c.seed)  # LoRA's initialisation and dropout; a resumed run restores the state it had
     data = FinetuneData(c, tokenizer)
-    model, loss = build_model(c, base, tokenizer, data.labels)
+    model, loss = build_model(c, base, data.labels)
     model = model.to(procs.device).train()
     if found:
         restore_weights(found[0], model, run, lora=c.lora is not None)
@@ -117,12 +117,11 @@ class FinetuneData:
             for name, part in zip(("train", "val", "test"), split):
                 self.docs[name] = part
                 self.fitted[name] = labelled.fit_texts(tokenizer, self.labels, part, c.seq_len)
-            if c.task == "classify":
-                self.train, self.val = (labelled.classification_examples(tokenizer, self.fitted[name], self.labels)
-                                        for name in ("train", "val"))
-            else:
-                self.train, self.val = (labelled.answer_examples(tokenizer, self.fitted[name], self.labels, c.seq_len)
-                                        for name in ("train", "val"))
+            if c.task == "classify":  # the question -> the label's index
+                make = functools.partial(labelled.classification_examples, tokenizer, labels=self.labels)
+            else:  # the question -> the label as the answer
+                make = functools.partial(labelled.answer_examples, tokenizer, labels=self.labels, seq_len=c.seq_len)
+            self.train, self.val = make(self.fitted["train"]), make(self.fitted["val"])
         else:
             examples = sft.read_sft(c.data, tokenizer, c.seq_len, bad)
             if len(examples) < 2:
@@ -142,38 +141,31 @@ class FinetuneData:
 
 # ---- model ----
 
-def build_model(c: FinetuneConfig, base, tokenizer, labels):
+def build_model(c: FinetuneConfig, base, labels):
     """(model, loss module): the base for SFT, or a classifier on its decoder; with LoRA when asked."""
     from minillama.model import LlamaForSequenceClassification
     from minillama.train.loss import CausalLMLoss, ClassificationLoss
 
     model = base
     if c.task == "classify":
-        model = LlamaForSequenceClassification(base.config, len(labels), labels)
+        with torch.device("meta"):  # nothing allocated: the decoder is the base's
+            model = LlamaForSequenceClassification(base.config, len(labels), labels)
         model.model = base.model  # the pretrained decoder; the LM head is left behind
-        with torch.no_grad():
-            model.score.weight.copy_(label_word_head(base, tokenizer, labels, c.seed))
+        model.score.to_empty(device=base.device)
+        # a new head, initialised as transformers does (normal, std initializer_range 0.02)
+        torch.nn.init.normal_(model.score.weight, std=0.02, generator=torch.Generator().manual_seed(c.seed))
     if c.lora is not None:
         from minillama.perf.lora import apply_lora
 
+        n = base.config.n_layers
+        layers = None if c.lora_layers is None else range(max(0, n - c.lora_layers), n)
         try:
-            apply_lora(model, c.lora, c.lora_alpha, c.lora_dropout, c.lora_targets, seed=c.seed)
+            apply_lora(model, c.lora, c.lora_alpha, c.lora_dropout, c.lora_targets, layers, seed=c.seed)
         except ValueError as e:
             raise UserError(f"--lora-targets: {e}") from None
         if c.task == "classify":
             model.score.requires_grad_(True)  # the new head always trains
     return model, ClassificationLoss(model) if c.task == "classify" else CausalLMLoss(model)
-
-
-def label_word_head(base, tokenizer, labels: list[str], seed: int):
-    """The score head's first weights (num_labels, C): the LM head's rows of each label's first token, so the
-    classifier starts as the language model's own vote among the label words after the question (the
-    zero-shot answer), not at chance; random (normal, std 0.02) where two labels share a first token."""
-    first = [tokenizer.encode(label, bos=False)[0] for label in labels]
-    if len(set(first)) == len(first):
-        return base.head_weight[first].detach().clone()
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(len(labels), base.config.dim, generator=generator) * 0.02
 
 
 # ---- checkpoints ----

@@ -88,8 +88,9 @@ class CausalLMLoss(nn.Module):
         the targets that are not -100 (fine-tuning: prompts and padding carry none). attention_mask: see
         Llama.hidden_states (packed examples pass a (B, 1, T, T) one)."""
         hidden = self.llama.hidden_states(inputs, attention_mask)  # (B, T, C)
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, C)
-        return chunked_cross_entropy(hidden, self.llama.head_weight, targets.reshape(-1), self.chunk_size)
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (B·T, C), (B·T,)
+        learnt = targets != -100  # only these rows need the V-way classifier: SFT's prompts skip it
+        return chunked_cross_entropy(hidden[learnt], self.llama.head_weight, targets[learnt], self.chunk_size)
 
 
 class ClassificationLoss(nn.Module):
