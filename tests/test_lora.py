@@ -27,8 +27,7 @@ def lora_model(r=4, alpha=8.0, seed=0, classifier=False, layers=None):
     """A seeded tiny model with LoRA whose B is not zero (a trained adapter, not a fresh one)."""
     model = Llama(CONFIG).init_weights(seed)
     if classifier:
-        clf = LlamaForSequenceClassification(CONFIG, 3, ["neg", "neutral", "pos"])
-        clf.model = model.model
+        clf = LlamaForSequenceClassification(CONFIG, 3, ["neg", "neutral", "pos"], model=model.model)
         torch.nn.init.normal_(clf.score.weight, std=0.5, generator=torch.Generator().manual_seed(seed))
         model = clf
     apply_lora(model, r, alpha, 0.0, TARGETS, layers, seed=seed)

@@ -164,12 +164,12 @@ def eval_flags(p) -> None:
 
 
 def eval_command(args) -> None:
-    from minillama.checkpoint import load_model_and_tokenizer
+    from minillama.checkpoint.load import load_from_flags
 
     if args.context is not None:  # bad window arguments fail before the (slow) load
         check_window(args.context, args.stride or args.context)
     text = read_text(args)
-    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype, args.speed)
+    model, tokenizer = load_from_flags(args)
     context = args.context or min(model.config.max_seq_len, 1024)
     stride = args.stride or context
     r = evaluate_text(model, tokenizer, text, context, stride, args.max_tokens, progress=True)

@@ -227,12 +227,12 @@ class Llama(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KV cache for this model, on its device, in the dtype of its activations."""
-        weight = self.model.embed_tokens.weight  # (a quantized head has no plain weight; the embedding does)
-        return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
+        """An empty KV cache for this model, on its device, in the dtype of its activations (the norms')."""
+        norm = self.model.norm.weight  # (matmul weights may be bf16 or quantized; the norms never are)
+        return KVCache(self.config, batch_size, max_len, norm.device, norm.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
@@ -254,15 +254,17 @@ class Llama(nn.Module):
 class LlamaForSequenceClassification(nn.Module):
     """The decoder plus a `score` head on the last real token (found from the attention mask, which
     works for left and right padding alike, unlike searching for a pad_token_id). `labels` names the
-    classes (Hugging Face's id2label); by default LABEL_0, LABEL_1, ..."""
+    classes (Hugging Face's id2label); by default LABEL_0, LABEL_1, ... `model`: a pretrained decoder to
+    put the head on (a Llama's .model), instead of a new one."""
 
-    def __init__(self, config: ModelConfig, num_labels: int, labels: list[str] | None = None):
+    def __init__(self, config: ModelConfig, num_labels: int, labels: list[str] | None = None,
+                 model: LlamaModel | None = None):
         super().__init__()
         self.config = config
         self.labels = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(num_labels)]
         if len(self.labels) != num_labels:
             raise ValueError(f"{len(self.labels)} label names for {num_labels} labels")
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config) if model is None else model
         self.score = nn.Linear(config.dim, num_labels, bias=False)
 
     @property

@@ -46,7 +46,9 @@ def _finetune(c: FinetuneConfig, procs, on_step) -> TrainResult:
         from minillama.evaluate.classify import require_sklearn
 
         require_sklearn()  # before any work, not after training
-    base, tokenizer = load_model_and_tokenizer(c.base)
+    # plain: every weight a float32 nn.Linear or Embedding (a GGUF's blocks dequantized), what autograd and
+    # LoRA work on; the fast path's few-row kernels have no backward
+    base, tokenizer = load_model_and_tokenizer(c.base, plain=True)
     if c.seq_len > base.config.max_seq_len:
         raise UserError(f"--seq-len {c.seq_len} is longer than the context of {c.base} "
                         f"({base.config.max_seq_len} tokens)")
@@ -148,11 +150,9 @@ def build_model(c: FinetuneConfig, base, labels):
 
     model = base
     if c.task == "classify":
-        with torch.device("meta"):  # nothing allocated: the decoder is the base's
-            model = LlamaForSequenceClassification(base.config, len(labels), labels)
-        model.model = base.model  # the pretrained decoder; the LM head is left behind
-        model.score.to_empty(device=base.device)
-        # a new head, initialised as transformers does (normal, std initializer_range 0.02)
+        # the pretrained decoder with a new head (the LM head is left behind), initialised as transformers
+        # does: normal, std initializer_range 0.02
+        model = LlamaForSequenceClassification(base.config, len(labels), labels, model=base.model).to(base.device)
         torch.nn.init.normal_(model.score.weight, std=0.02, generator=torch.Generator().manual_seed(c.seed))
     if c.lora is not None:
         from minillama.perf.lora import apply_lora
@@ -243,7 +243,7 @@ def test_metrics(c: FinetuneConfig, model, tokenizer, data: FinetuneData, run: P
     prompts = [prompt_ids(tokenizer, labels, d.text) for d in test]
     after = ev.scores(truth, ev.generated_predictions(model, tokenizer, prompts, labels)[0], labels)
     ev.plot_confusion(after, labels, run / "confusion.png", f"{Path(c.data).name}: generated answer after SFT")
-    base = load_model_and_tokenizer(c.base)[0]
+    base = load_model_and_tokenizer(c.base, plain=True)[0]  # as the fine-tune started, computed the same way
     before = ev.scores(truth, ev.generated_predictions(base, tokenizer, prompts, labels)[0], labels)
     return {"task": "sft", "labels": labels, "test_before": before, "test_after": after}
 
