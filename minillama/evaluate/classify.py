@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from minillama.checkpoint.atomic import write_atomic
 from minillama.config import UserError
@@ -80,7 +81,8 @@ def head_predictions(classifier, examples, pad_id: int, batch_size: int = 8) -> 
     was_training = classifier.training
     classifier.eval()
     predicted = []
-    for i in range(0, len(examples), batch_size):
+    for i in tqdm(range(0, len(examples), batch_size), desc="test split: classifier head", unit="batch",
+                  leave=False):
         batch = collate([[e] for e in examples[i:i + batch_size]], pad_id)
         predicted += classifier(batch["inputs"], batch["attention_mask"]).argmax(-1).tolist()
     classifier.train(was_training)
@@ -104,7 +106,8 @@ def generated_predictions(model, tokenizer, prompts: list[list[int]], labels: li
     was_training = model.training
     model.eval()
     answers = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="test split: generated answers", unit="batch",
+                  leave=False):
         batch = prompts[i:i + batch_size]
         # 16 tokens: room for "The category is ...", as far as the context allows
         room = model.config.max_seq_len - max(len(p) for p in batch)
