@@ -110,6 +110,28 @@ def test_make_fast_equals_plain_model_and_keeps_weights_tied():
     assert greedy(quick, prompts) == greedy(plain, prompts)
 
 
+@pytest.mark.parametrize("changes", [dict(qkv_bias=True, model_type="qwen2", sliding_window=5),
+                                     dict(n_kv_heads=1, tie_embeddings=True)], ids=["qwen2-window", "mqa"])
+def test_fused_decode_layer_equals_the_reference_with_padding(changes, monkeypatch):
+    plain = tiny(**changes)
+    if plain.config.qkv_bias:
+        with torch.no_grad():
+            for layer in plain.model.layers:
+                layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    quick = fast.make_fast(copy.deepcopy(plain))
+    assert all(type(layer) is fast.FastDecoderLayer for layer in quick.model.layers)
+    reference_steps = []  # decode steps that fell back to the reference forward: none may
+    forward = fast.DecoderLayer.forward
+    monkeypatch.setattr(fast.DecoderLayer, "forward", lambda self, x, *a: reference_steps.append(x.shape[1])
+                        or forward(self, x, *a))
+    prompts = [[5, 9, 200, 3, 8, 1, 2], [7, 7, 1], [4]]  # left-padded, past the window
+    fused = greedy(quick, prompts, n=10)
+    assert reference_steps and 1 not in reference_steps  # quick's prefills only; every decode step fused
+    assert fused == greedy(plain, prompts, n=10)
+    assert torch.allclose(prefill_and_decode_logits(quick, batch=3), prefill_and_decode_logits(plain, batch=3),
+                          atol=1e-4)
+
+
 def test_bf16_weights_keep_fp32_activations_and_stay_close():
     plain = tiny()
     half = fast.make_fast(fast.to_bf16_weights(copy.deepcopy(plain)))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillama.model.llama import Attention, DecoderLayer
 from minillama.perf import kernels
 
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per block of 32 weights
@@ -116,14 +117,59 @@ class FastLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+def raw(linear) -> tuple | None:
+    """(weights as the kernels read them, their kind) of a FastLinear or GGMLLinear, else None."""
+    if isinstance(linear, GGMLLinear):
+        return linear.blocks, linear.kind
+    if isinstance(linear, FastLinear) and linear.weight.dtype in (torch.float32, torch.bfloat16):
+        return linear.weight.detach(), "f32" if linear.weight.dtype == torch.float32 else "bf16"
+    return None
+
+
+class FastDecoderLayer(DecoderLayer):
+    """A DecoderLayer whose decode steps (one new token per row, up to kernels.MAX_ROWS rows, fp32) run as
+    three C++ calls around the cache write, instead of ~70 PyTorch ops whose dispatch costs more than
+    reading the layer's weights: attn_in (norm, q/k/v, rotary), attn_out (attention over the cache, o_proj,
+    residual), mlp (norm, SwiGLU, residual). Any other call is DecoderLayer.forward, the reference."""
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        attn, mlp = self.self_attn, self.mlp
+        B, T, C = x.shape
+        parts = [raw(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                  mlp.down_proj)]
+        if cache is None or T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32 or None in parts \
+                or type(attn) is not Attention or not kernels.available() or attn.o_proj.bias is not None \
+                or any(n % 32 for n in (C, attn.o_proj.in_features, mlp.down_proj.in_features)):
+            return super().forward(x, cos, sin, mask, cache, layer)
+        H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        ext = kernels.module()
+        x2 = x.reshape(B, C)  # (B, C): one token per row
+        bias = [m.bias if m.bias is not None else torch.empty(0) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        qkv = ext.attn_in(x2, self.input_layernorm.weight, self.input_layernorm.eps, [w for w, _ in parts[:3]],
+                          [kernels.KINDS[k] for _, k in parts[:3]], [H * D, K * D, K * D], bias,
+                          cos.reshape(B, D), sin.reshape(B, D))  # (B, (H + 2K)·D)
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=1)
+        k, v = cache.write(layer, k.reshape(B, K, 1, D), v.reshape(B, K, 1, D))  # (B, K, S, D)
+        keys = mask.reshape(B, -1) if mask is not None else torch.empty(0, dtype=torch.bool)  # (B, S)
+        x2 = ext.attn_out(x2, q.contiguous(), k, v, keys.contiguous(), parts[3][0], kernels.KINDS[parts[3][1]], H)
+        x2 = ext.mlp(x2, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
+                     [w for w, _ in parts[4:]], [kernels.KINDS[k] for _, k in parts[4:]], [mlp.gate_proj.out_features,
+                                                                                         mlp.up_proj.out_features, C])
+        return x2.view(B, 1, C)
+
+
 def make_fast(model: nn.Module) -> nn.Module:
-    """Every plain nn.Linear becomes a FastLinear over the same weights (fp32 or bf16); GGUF blocks are
-    already fast. Builds the kernels now, not in the middle of the first answer."""
-    kernels.available()
+    """Every plain nn.Linear becomes a FastLinear over the same weights (fp32 or bf16), GGUF blocks are
+    already fast, and every decoder layer a FastDecoderLayer (the same module, its decode step fused).
+    Builds the kernels now, not in the middle of the first answer."""
+    if not kernels.available():
+        return model
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
                 setattr(module, name, FastLinear.from_linear(child))
+        if type(module) is DecoderLayer:
+            module.__class__ = FastDecoderLayer  # same parameters and names; only forward changes
     return model
 
 
