@@ -82,3 +82,20 @@ def test_params_lora(capsys):
     assert lora["total"] < full["total"] - 1.4 * 2**30  # no gradients or AdamW state for the 135M frozen
     assert main(["params", "smollm2-135m", "--lora", "8"]) == 0
     assert "training memory with LoRA rank 8 (2,442,240 trainable, 1.82% of all)" in capsys.readouterr().out
+
+
+def test_finetune_flops_count_only_what_runs():
+    """A full fine-tune with the LM head costs what pretraining does (6N + 12·L·C·T); LoRA on the top 10 of
+    30 layers skips every weight gradient and the backward pass below them; a classifier skips the V-way head."""
+    from minillama.config import preset
+    from minillama.model.calc import finetune_flops_per_token, flops_per_token
+
+    config = preset("smollm2-135m")
+    full = finetune_flops_per_token(config, 256, 30, full=True, lm_head=True)
+    assert full == pytest.approx(flops_per_token(config, 256))
+    n_layer = 30 * (576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536) / 30  # matmul weights of one layer
+    head, attention = 49152 * 576, 4 * 576 * 256
+    lora_top_10 = finetune_flops_per_token(config, 256, 10, full=False, lm_head=False)
+    assert lora_top_10 == pytest.approx(2 * 30 * n_layer + 30 * attention + 2 * 10 * n_layer + 10 * 2 * attention)
+    assert lora_top_10 < full / 2 and finetune_flops_per_token(config, 256, 30, False, True) - \
+        finetune_flops_per_token(config, 256, 30, False, False) == pytest.approx(4 * head)

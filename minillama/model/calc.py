@@ -130,6 +130,24 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * n_matmul + 12 * config.n_layers * config.dim * window
 
 
+def finetune_flops_per_token(config: ModelConfig, seq_len: int, trained_layers: int, full: bool,
+                             lm_head: bool) -> float:
+    """Fine-tuning FLOPs per token, counted as flops_per_token counts them (which this equals for a full
+    fine-tune with the LM head). The forward pass: 2 per matmul weight, 4·C·T of attention a layer. The
+    backward pass: gradients of activations (2 per weight, 8·C·T of attention) only down to the lowest of
+    the `trained_layers` top layers, gradients of weights (2 per weight) only when every weight trains (full);
+    LoRA's own matrices, r·(in + out) each, are left out. A classifier (lm_head=False) has no V-way head."""
+    p = count_params(config)
+    L, C = config.n_layers, config.dim
+    layer = (p["attention"] + p["mlp"]) / L  # matmul weights of one decoder layer
+    head = config.vocab_size * C if lm_head else 0
+    attention = 4 * C * min(seq_len, config.sliding_window or seq_len)  # QKᵀ and AV, forward, a layer
+    forward = 2 * (L * layer + head) + L * attention
+    activation_grads = 2 * (trained_layers * layer + head) + trained_layers * 2 * attention
+    weight_grads = 2 * (L * layer + head) if full else 0
+    return forward + activation_grads + weight_grads
+
+
 # ---- the `params` command ----
 
 def resolve_config(name_or_path: str) -> ModelConfig:

@@ -72,7 +72,7 @@ def _finetune(c: FinetuneConfig, procs, on_step) -> TrainResult:
               f"batch {c.batch_size} x up to {c.seq_len} tokens", file=sys.stderr)
         note_warmup(trainer)
     save = functools.partial(save_checkpoint, trainer, run=run, tokenizer=tokenizer, c=c, procs=procs)
-    result = run_loop(trainer, c, procs, run, data.batches(), save, on_step)
+    result = run_loop(trainer, c, procs, run, data.batches(), save, on_step, flops_per_token(c, base.config))
     if procs.rank == 0 and data.labels is not None:
         metrics = test_metrics(c, trainer.model, tokenizer, data, run)
         metrics |= {"steps": result.steps, "seconds": round(time.perf_counter() - started, 1),
@@ -167,6 +167,15 @@ def build_model(c: FinetuneConfig, base, labels):
         if c.task == "classify":
             model.score.requires_grad_(True)  # the new head always trains
     return model, ClassificationLoss(model) if c.task == "classify" else CausalLMLoss(model)
+
+
+def flops_per_token(c: FinetuneConfig, config) -> float:
+    """A training step's FLOPs per token, for the MFU: LoRA on the top layers needs far fewer than 6N."""
+    from minillama.model.calc import finetune_flops_per_token
+
+    n = config.n_layers
+    trained = n if c.lora is None or c.lora_layers is None else min(c.lora_layers, n)
+    return finetune_flops_per_token(config, c.seq_len, trained, full=c.lora is None, lm_head=c.task == "sft")
 
 
 # ---- checkpoints ----

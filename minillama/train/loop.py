@@ -161,15 +161,16 @@ def _train(c: TrainConfig, procs: Processes, on_step) -> TrainResult:
     return run_loop(trainer, c, procs, run, WindowBatches(c, train_shards, val_shards), save, on_step)
 
 
-def run_loop(trainer: Trainer, c: TrainConfig, procs: Processes, run: Path, data, save, on_step) -> TrainResult:
+def run_loop(trainer: Trainer, c: TrainConfig, procs: Processes, run: Path, data, save, on_step,
+             flops_per_token: float | None = None) -> TrainResult:
     """Steps until max_steps, the time budget or Ctrl-C: log, evaluate, save(folder) every save_every steps
     and at the end to RUN/final. data.batch(step, rows) is step's batch (this process's rows),
-    data.validation(rows) the validation batches."""
+    data.validation(rows) the validation batches; flops_per_token for the MFU (default pretraining's)."""
     B, W, rank = c.batch_size, procs.world_size, procs.rank
     rows = slice(rank * B // W, (rank + 1) * B // W)  # this process's share of every global batch
     val_batches = data.validation(rows)
     budget = parse_duration(c.time_budget) if c.time_budget else None
-    report = Reporter(run, trainer, c, procs, budget)
+    report = Reporter(run, trainer, c, procs, budget, flops_per_token)
     start_step, start, saved_step = trainer.step, time.perf_counter(), trainer.step
     interrupted, previous_handler = _catch_sigint()
     try:
