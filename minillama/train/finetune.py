@@ -46,7 +46,7 @@ def _finetune(c: FinetuneConfig, procs, on_step) -> TrainResult:
         from minillama.evaluate.classify import require_sklearn
 
         require_sklearn()  # before any work, not after training
-    labelled = c.task == "classify" or is_labelled(c.data)  # a missing --data fails here, before the load
+    has_labels = c.task == "classify" or is_labelled(c.data)  # a missing --data fails here, before the load
     # plain: every weight a float32 nn.Linear or Embedding (a GGUF's blocks dequantized), what autograd and
     # LoRA work on; the fast path's few-row kernels have no backward
     base, tokenizer = load_model_and_tokenizer(c.base, plain=True)
@@ -55,7 +55,7 @@ def _finetune(c: FinetuneConfig, procs, on_step) -> TrainResult:
                         f"({base.config.max_seq_len} tokens): give --seq-len {base.config.max_seq_len} or less")
     run, found = open_run(c, procs)
     torch.manual_seed(c.seed)  # LoRA's initialisation and dropout; a resumed run restores the state it had
-    data = FinetuneData(c, tokenizer, labelled)
+    data = FinetuneData(c, tokenizer, has_labels)
     model, loss = build_model(c, base, data.labels)
     model = model.to(procs.device).train()
     if found:
@@ -106,14 +106,14 @@ class FinetuneData:
     """The examples of the run. Labelled data: a stratified split, kept as documents too (`docs`: full text,
     `fitted`: cut to --seq-len) for the test metrics; conversations: a seeded validation hold-out."""
 
-    def __init__(self, c: FinetuneConfig, tokenizer, labelled: bool):
+    def __init__(self, c: FinetuneConfig, tokenizer, has_labels: bool):
         from minillama.data import labelled, sft
 
         self.c, self.labels, self.docs, self.fitted = c, None, {}, {}
         # padding is never attended to nor learnt: any id will do, the tokenizer's own pad if it has one
         self.pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
         bad = BadLines(c.on_bad_line)
-        if labelled:
+        if has_labels:
             docs = labelled.load_labelled(c.data, bad)
             self.labels = sorted({d.label for d in docs})
             split = labelled.stratified_split(docs, c.val_fraction, c.test_fraction)
