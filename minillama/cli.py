@@ -21,6 +21,7 @@ COMMANDS = {
     "corpus": ("data.corpus", "corpus_flags", "corpus_command", "fetch built-in corpora and describe text corpora"),
     "tokenizer": ("tokenizer.train", "tokenizer_flags", "tokenizer_command", "train a SentencePiece BPE tokenizer"),
     "train": ("train.loop", "train_flags", "train_command", "pretrain a model on a corpus (torchrun for several)"),
+    "finetune": ("train.finetune", "finetune_flags", "finetune_command", "SFT, LoRA or a classifier on a checkpoint"),
     "convert": ("checkpoint.load", "convert_flags", "convert_command", "convert a checkpoint to a HF folder or a GGUF"),
     "params": ("model.calc", "params_flags", "params_command", "count parameters, memory and FLOPs of a model"),
     "generate": ("infer.stream", "generate_flags", "generate_command", "complete prompts with a model"),

@@ -30,6 +30,13 @@ def smollm2_tokenizer(smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_path):
+    """transformers' tokenizer read from the same GGUF (~15 s: shared)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2(smollm2_path):
     """transformers' own reading of the same GGUF (it dequantizes to float32)."""
     transformers = pytest.importorskip("transformers")

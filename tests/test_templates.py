@@ -4,18 +4,14 @@ and raise_exception as a one-line error."""
 import pytest
 
 from minillama.config import UserError
-from minillama.data import assets
 from minillama.infer.templates import render_chat
 from minillama.tokenizer import Tokenizer
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_smollm2_chat_prompt_matches_transformers(smollm2_tokenizer):
-    smollm2 = smollm2_tokenizer
-    transformers = pytest.importorskip("transformers")
-    path = assets.smollm2_gguf()
-    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def test_smollm2_chat_prompt_matches_transformers(smollm2_tokenizer, hf_smollm2_tokenizer):
+    smollm2, reference = smollm2_tokenizer, hf_smollm2_tokenizer
     text = render_chat(smollm2, MESSAGES, add_generation_prompt=True)
     assert text == reference.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")

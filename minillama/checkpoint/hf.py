@@ -96,6 +96,14 @@ def _latent_to_hf(c: ModelConfig) -> dict:
             "attention_bias": False, "mlp_bias": False}
 
 
+def classifier_fields(config: ModelConfig, labels: list[str]) -> dict:
+    """What a sequence classifier adds to config.json: its class, and the label names by index."""
+    family = FAMILIES[config.model_type].removesuffix("ForCausalLM")
+    return {"architectures": [f"{family}ForSequenceClassification"], "num_labels": len(labels),
+            "id2label": {str(i): label for i, label in enumerate(labels)},
+            "label2id": {label: i for i, label in enumerate(labels)}}
+
+
 def _json_ids(ids):
     return list(ids) if isinstance(ids, tuple) else ids
 
@@ -279,6 +287,8 @@ def write_model_files(model, folder: Path, tokenizer=None, max_shard_size: int =
     c = model.config
     _write_weights(model, folder, max_shard_size)
     config = config_to_hf(c) | {"torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if hasattr(model, "score"):  # LlamaForSequenceClassification
+        config |= classifier_fields(c, model.labels)
     _write_json(folder / "config.json", config)
     _write_json(folder / "generation_config.json", {"bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
                                                     "eos_token_id": _json_ids(c.eos_token_id)})
@@ -291,8 +301,8 @@ def _write_weights(model, folder: Path, max_shard_size: int) -> None:
     from safetensors.torch import save_file
     family = model.config.model_type
     state = {to_hf_name(name, family): t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        del state["lm_head.weight"]  # the same tensor as the embedding; HF leaves it out too
+    if model.config.tie_embeddings:  # (a classifier has no lm_head)
+        state.pop("lm_head.weight", None)  # the same tensor as the embedding; HF leaves it out too
     shards, size = [{}], 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()

@@ -20,17 +20,18 @@ STEP_FOLDER = re.compile(r"step_\d{6}")
 STATE_FILE = "training_state.pt"
 
 
-def save_checkpoint(trainer, folder: Path, tokenizer, config, procs) -> None:
+def save_checkpoint(trainer, folder: Path, tokenizer, config, procs, write_model=write_model_files) -> None:
     """Weights, config, tokenizer and training_state.pt, assembled in a temporary folder renamed into place;
     then only the newest `config.keep` step folders stay. All processes call this (FSDP gathers), process 0
-    writes. `config` is the run's TrainConfig (saved in the state, for the record)."""
+    writes. `config` is the run's TrainConfig (saved in the state, for the record). write_model(model, tmp,
+    tokenizer) writes the model's files (fine-tuning: an adapter, or merged weights)."""
     state = {"step": trainer.step, "data_position": trainer.step,  # windows are a function of the step
              "total_steps": trainer.total_steps, "optimizer": trainer.optimizer_state(), "rng": _rng_state(),
              "config": dataclasses.asdict(config), "world_size": procs.world_size}
     model = trainer.full_model()
     if procs.rank == 0:
         with atomic_folder(folder) as tmp:
-            write_model_files(model, tmp, tokenizer)
+            write_model(model, tmp, tokenizer)
             torch.save(state, tmp / STATE_FILE)
         for stale in sorted(p for p in folder.parent.iterdir() if STEP_FOLDER.fullmatch(p.name))[:-config.keep]:
             shutil.rmtree(stale)

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from minillama.config import PRESETS, ModelConfig, UserError, preset
+from minillama.config import LORA_TARGETS, PRESETS, ModelConfig, UserError, preset
 
 # bytes per element; q4 is GGUF Q4_0: blocks of 32 4-bit weights + one fp16 scale = 18 bytes / 32 = 4.5 bits
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "q4": 4.5 / 8}
@@ -110,16 +110,40 @@ def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: s
         "kv_cache_per_token_mha": kv_token_mha,
         "kv_cache_context_mha": kv_token_mha * config.max_seq_len,
     }
+    return {"inference": inference, "training": training_memory(config, batch_size, seq_len, dtype, n)}
+
+
+def training_memory(config: ModelConfig, batch_size: int, seq_len: int, dtype: str, trainable: int) -> dict:
+    """Bytes of a training step with AdamW when `trainable` of the parameters learn: fp32 weights for all,
+    fp32 gradients and two fp32 moments for the trainable ones, activations as estimated above (under LoRA
+    the backward pass still runs through every layer, so they barely change; the adapters' own small
+    activations are left out)."""
+    n = count_params(config)["total"]
     training = {
         "batch_size": batch_size,
         "seq_len": seq_len,
+        "trainable": trainable,
         "weights": 4 * n,
-        "gradients": 4 * n,
-        "optimizer": 2 * 4 * n,  # AdamW: first and second moments in fp32
+        "gradients": 4 * trainable,
+        "optimizer": 2 * 4 * trainable,  # AdamW: first and second moments in fp32
         "activations": activation_bytes(config, batch_size, seq_len, dtype),
     }
-    training["total"] = sum(v for k, v in training.items() if k not in ("batch_size", "seq_len"))
-    return {"inference": inference, "training": training}
+    training["total"] = sum(v for k, v in training.items() if k not in ("batch_size", "seq_len", "trainable"))
+    return training
+
+
+def count_lora_params(config: ModelConfig, r: int, targets=LORA_TARGETS, layers: int | None = None) -> int:
+    """Trainable numbers of LoRA rank r on the `targets` linears of every layer (or of the last `layers`):
+    r·(in + out) each."""
+    C, F = config.dim, config.ffn_dim
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim  # H·D, K·D
+    shapes = {"q_proj": (C, q), "k_proj": (C, kv), "v_proj": (C, kv), "o_proj": (q, C),
+              "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
+    unknown = sorted(set(targets) - set(shapes))
+    if unknown or r <= 0:
+        raise UserError(f"LoRA rank {r} on {unknown or targets}: the rank must be positive and the targets among "
+                        f"{', '.join(shapes)}")
+    return min(layers or config.n_layers, config.n_layers) * r * sum(sum(shapes[t]) for t in set(targets))
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -135,6 +159,24 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     n_matmul = p["attention"] + p["mlp"] - idle + config.vocab_size * config.dim
     window = min(seq_len, config.sliding_window or seq_len)
     return 6 * n_matmul + 12 * config.n_layers * config.dim * window
+
+
+def finetune_flops_per_token(config: ModelConfig, seq_len: int, trained_layers: int, full: bool,
+                             lm_head: bool) -> float:
+    """Fine-tuning FLOPs per token, counted as flops_per_token counts them (which this equals for a full
+    fine-tune with the LM head). The forward pass: 2 per matmul weight, 4·C·T of attention a layer. The
+    backward pass: gradients of activations (2 per weight, 8·C·T of attention) only down to the lowest of
+    the `trained_layers` top layers, gradients of weights (2 per weight) only when every weight trains (full);
+    LoRA's own matrices, r·(in + out) each, are left out. A classifier (lm_head=False) has no V-way head."""
+    p = count_params(config)
+    L, C = config.n_layers, config.dim
+    layer = (p["attention"] + p["mlp"]) / L  # matmul weights of one decoder layer
+    head = config.vocab_size * C if lm_head else 0
+    attention = 4 * C * min(seq_len, config.sliding_window or seq_len)  # QKᵀ and AV, forward, a layer
+    forward = 2 * (L * layer + head) + L * attention
+    activation_grads = 2 * (trained_layers * layer + head) + trained_layers * 2 * attention
+    weight_grads = 2 * (L * layer + head) if full else 0
+    return forward + activation_grads + weight_grads
 
 
 # ---- the `params` command ----
@@ -199,13 +241,6 @@ def format_report(label: str, config: ModelConfig, params: dict, memory: dict, f
          "" if kind == "MHA" else f"MHA: {human_bytes(inf['kv_cache_per_token_mha'])}"),
         (f"kv cache @ {ctx:,} tokens", human_bytes(inf["kv_cache_context"]), kv_note),
     ]
-    training_rows = [
-        ("weights (fp32)", human_bytes(tr["weights"]), ""),
-        ("gradients (fp32)", human_bytes(tr["gradients"]), ""),
-        ("adamw (2 x fp32)", human_bytes(tr["optimizer"]), ""),
-        (f"activations ({kv_dtype})", human_bytes(tr["activations"]), "eager attention, logits in fp32"),
-        ("total", human_bytes(tr["total"]), ""),
-    ]
     flop_rows = [
         ("training (fwd+bwd)", human_count(flops), "6N + 12·L·C·T"),
         ("forward only", human_count(flops / 3), ""),
@@ -214,10 +249,25 @@ def format_report(label: str, config: ModelConfig, params: dict, memory: dict, f
         [head],
         _table("parameters", param_rows, name_width=11),  # 7b's total: 13 digits, 8 spaces after "total"
         _table("inference memory", inference_rows),
-        _table(f"training memory (batch {tr['batch_size']}, seq {tr['seq_len']:,}, AdamW)", training_rows),
-        _table(f"FLOPs per token (seq {tr['seq_len']:,})", flop_rows),
+        _table(f"training memory (batch {tr['batch_size']}, seq {tr['seq_len']:,}, AdamW)",
+               _training_rows(tr, kv_dtype)),
     ]
+    if "training_lora" in memory:
+        lora = memory["training_lora"]
+        blocks.append(_table(f"training memory with LoRA rank {memory['lora_rank']} ({lora['trainable']:,} trainable, "
+                             f"{lora['trainable'] / params['total']:.2%} of all)", _training_rows(lora, kv_dtype)))
+    blocks.append(_table(f"FLOPs per token (seq {tr['seq_len']:,})", flop_rows))
     return "\n\n".join("\n".join(b) for b in blocks)
+
+
+def _training_rows(tr: dict, kv_dtype: str) -> list[tuple[str, str, str]]:
+    return [
+        ("weights (fp32)", human_bytes(tr["weights"]), ""),
+        ("gradients (fp32)", human_bytes(tr["gradients"]), ""),
+        ("adamw (2 x fp32)", human_bytes(tr["optimizer"]), ""),
+        (f"activations ({kv_dtype})", human_bytes(tr["activations"]), "eager attention, logits in fp32"),
+        ("total", human_bytes(tr["total"]), ""),
+    ]
 
 
 def params_flags(p) -> None:
@@ -230,6 +280,12 @@ def params_flags(p) -> None:
                    help="training sequence length (default: the model's context length)")
     p.add_argument("--dtype", choices=ACT_DTYPES, default="bf16",
                    help="element type of the KV cache and activations (default bf16)")
+    p.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="also the trainable parameters and training memory with LoRA of rank R")
+    p.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS), metavar="NAME",
+                   help=f"the linears LoRA adapts (default {' '.join(LORA_TARGETS)})")
+    p.add_argument("--lora-layers", type=int, default=None, metavar="N",
+                   help="LoRA on the last N layers only (default all)")
 
 
 def params_command(args) -> None:
@@ -237,6 +293,10 @@ def params_command(args) -> None:
     seq_len = args.seq_len or config.max_seq_len
     params = count_params(config)
     memory = memory_estimate(config, args.batch_size, seq_len, args.dtype)
+    if args.lora is not None:
+        trainable = count_lora_params(config, args.lora, args.lora_targets, args.lora_layers)
+        memory |= {"lora_rank": args.lora,
+                   "training_lora": training_memory(config, args.batch_size, seq_len, args.dtype, trainable)}
     flops = flops_per_token(config, seq_len)
     if args.json:
         print(json.dumps({"model": args.model, "params": params, "memory": memory,

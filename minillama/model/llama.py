@@ -145,9 +145,17 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None, router_logits=None):
         """input_ids (B, T); attention_mask (B, T) 1 = real token, 0 = (left) padding, for the new tokens
-        only: a cache remembers the past ones; None = no padding (and the fastest path). Returns hidden
-        states (B, T, C). router_logits: a list each MoE layer appends its router's logits (B·T, E) to."""
+        only: a cache remembers the past ones; None = no padding (and the fastest path); or, without a
+        cache, (B, 1, T, T) bool, who may attend to whom (packed examples: block-diagonal causal). Returns
+        hidden states (B, T, C). router_logits: a list each MoE layer appends its router's logits (B·T, E) to."""
         B, T = input_ids.shape
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if cache is not None:
+                raise ValueError("a (B, 1, T, T) attention mask is for whole sequences, without a KV cache")
+            mask = attention_mask.bool()  # (B, 1, T, T)
+            # a token's rotary position = the keys it sees - 1: each packed example starts at position 0
+            positions = mask[:, 0].sum(-1) - 1  # (B, T)
+            return self._layers(input_ids, mask, positions, None, router_logits)
         new = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
             else attention_mask.bool()  # (B, T)
         past = cache.past_mask() if cache is not None else new[:, :0]  # (B, P)
@@ -158,13 +166,18 @@ class LlamaModel(nn.Module):
         # shapes decide, never the mask's values, so torch.compile sees no data-dependent branch
         plain = attention_mask is None and past.shape[1] == 0 and (window is None or T <= window)
         mask = None if plain else attention_mask_of(torch.cat([past, new], dim=1), T, window)  # (B, 1, T, S)
+        x = self._layers(input_ids, mask, positions, cache, router_logits)
+        if cache is not None:
+            cache.advance(new)
+        return x
+
+    def _layers(self, input_ids, mask, positions, cache, router_logits):
+        """The embedding, every decoder layer and the final norm, given the mask and rotary positions."""
         cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D)
         sin = self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, D)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, router_logits)
-        if cache is not None:
-            cache.advance(new)
         return self.norm(x)
 
 
@@ -257,13 +270,24 @@ class Llama(nn.Module):
 
 class LlamaForSequenceClassification(nn.Module):
     """The decoder plus a `score` head on the last real token (found from the attention mask, which
-    works for left and right padding alike, unlike searching for a pad_token_id)."""
+    works for left and right padding alike, unlike searching for a pad_token_id). `labels` names the
+    classes (Hugging Face's id2label); by default LABEL_0, LABEL_1, ... `model`: a pretrained decoder to
+    put the head on (a Llama's .model), instead of a new one."""
 
-    def __init__(self, config: ModelConfig, num_labels: int):
+    def __init__(self, config: ModelConfig, num_labels: int, labels: list[str] | None = None,
+                 model: LlamaModel | None = None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.labels = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(num_labels)]
+        if len(self.labels) != num_labels:
+            raise ValueError(f"{len(self.labels)} label names for {num_labels} labels")
+        self.model = LlamaModel(config) if model is None else model
         self.score = nn.Linear(config.dim, num_labels, bias=False)
+
+    @property
+    def layers(self):
+        """The decoder blocks, for transforms that wrap or compile each one."""
+        return self.model.layers
 
     def forward(self, input_ids, attention_mask=None):
         """-> logits (B, num_labels)"""

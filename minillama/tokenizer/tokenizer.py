@@ -64,18 +64,25 @@ class Tokenizer:
         """Text -> ids. With special=True, special-token text such as <|im_start|> becomes its id (what a
         rendered chat template needs, as in Hugging Face); by default text is only text, so a corpus that
         happens to contain "<s>" cannot inject a BOS."""
-        self.backend.encode_special_tokens = not special
-        placeholder = self._space_symbol_placeholder(text)
-        if placeholder:
-            text = text.replace("▁", placeholder)
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if placeholder:
-            ids = self._replace_bytes(ids, placeholder.encode(), "▁".encode())
+        ids = self.encode_with_offsets(text, special)[0]
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if eos and self.eos_id is not None:
             ids = ids + [self.eos_id]
         return ids
+
+    def encode_with_offsets(self, text: str, special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text, bos=False, special=special) and each token's (start, end) character offsets in text:
+        what finds the tokens of a span of rendered text (data/sft.py) without tokenizing it apart."""
+        self.backend.encode_special_tokens = not special
+        placeholder = self._space_symbol_placeholder(text)
+        if placeholder:  # one character for another: the offsets stay those of the text
+            text = text.replace("▁", placeholder)
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        ids = encoding.ids
+        if placeholder:  # 3 byte pieces for 3 byte pieces: the count, and so the offsets, stay
+            ids = self._replace_bytes(ids, placeholder.encode(), "▁".encode())
+        return ids, encoding.offsets
 
     def _space_symbol_placeholder(self, text: str) -> str | None:
         """SentencePiece writes spaces as "▁", so a "▁" in the text itself would come back as a space.

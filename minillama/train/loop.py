@@ -3,6 +3,8 @@
 `minillama train --corpus shakespeare --preset tiny --vocab-size 512 --out runs/tiny --max-steps 200`
 `torchrun --nproc_per_node 2 -m minillama train ...` runs the same loop on 2 processes (DDP, or --fsdp).
 
+Fine-tuning (finetune.py) runs the same loop with its own batches, loss module and checkpoint writer.
+
 What it does differently from llama2.c and nanoGPT:
 - the loss is a chunked, fused classifier + cross-entropy: the (B·T, V) logits never exist at once (loss.py);
 - the data position is the step counter (data/shards.py), and the checkpoint holds everything else that
@@ -83,19 +85,22 @@ def build_model(c: TrainConfig, tokenizer) -> Llama:
 def train(config: TrainConfig, on_step=None) -> TrainResult:
     """Train as configured. on_step(trainer, entry) runs after each step's logging and saving (a hook for
     tests and notebooks: raising KeyboardInterrupt there acts as Ctrl-C)."""
+    return in_processes(_train, config, on_step)
+
+
+def in_processes(run, config, on_step):
+    """run(config, procs, on_step) in the process group torchrun started (or alone), destroyed after."""
     procs, created = init_processes()
     try:
-        return _train(config, procs, on_step)
+        return run(config, procs, on_step)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _train(c: TrainConfig, procs: Processes, on_step) -> TrainResult:
-    from minillama.data.corpus import load_corpus, split
-
-    c.check(procs.world_size)
-    model_shape(c)  # a bad name or file fails before any work
+def open_run(c: TrainConfig, procs: Processes) -> tuple[Path, tuple[Path, int] | None]:
+    """The run folder, created, and its newest checkpoint when resuming; a run with checkpoints is never
+    overwritten without --resume."""
     run = Path(c.out)
     found = run_state.latest_checkpoint(run)
     if found and not c.resume:
@@ -106,6 +111,35 @@ def _train(c: TrainConfig, procs: Processes, on_step) -> TrainResult:
     if procs.rank == 0:
         run.mkdir(parents=True, exist_ok=True)
     procs.barrier()
+    return run, found
+
+
+class WindowBatches:
+    """Pretraining's batches: random windows of the train shards (a function of the step), and consecutive
+    windows of the validation shards."""
+
+    def __init__(self, c: TrainConfig, train_shards, val_shards):
+        from minillama.data.shards import RandomWindows
+
+        self.c, self.val_shards = c, val_shards
+        self.windows = RandomWindows(train_shards, c.seq_len, c.batch_size, c.seed)
+
+    def batch(self, step: int, rows: slice):
+        return self.windows.batch(step, rows)  # (B, T+1)
+
+    def validation(self, rows: slice) -> list:
+        from minillama.data.shards import sequential_windows
+
+        c = self.c
+        return [b[rows] for b in sequential_windows(self.val_shards, c.seq_len, c.batch_size, c.eval_steps)]
+
+
+def _train(c: TrainConfig, procs: Processes, on_step) -> TrainResult:
+    from minillama.data.corpus import load_corpus, split
+
+    c.check(procs.world_size)
+    model_shape(c)  # a bad name or file fails before any work
+    run, found = open_run(c, procs)
     docs = functools.cache(lambda: split(load_corpus(c.corpus), c.val_fraction, seed=0))
     tokenizer = prepare_tokenizer(c, run, lambda: [d.text for d in docs()[0]], procs)
     train_shards, val_shards = prepare_data(c, run, tokenizer, docs, procs)
@@ -123,26 +157,27 @@ def _train(c: TrainConfig, procs: Processes, on_step) -> TrainResult:
               f"{procs.world_size} process(es) x {c.batch_size // procs.world_size // micro} micro-batch(es) "
               f"of {micro} | {c.dtype}", file=sys.stderr)
         note_warmup(trainer)
-    return _loop(trainer, c, procs, run, tokenizer, train_shards, val_shards, on_step)
+    save = functools.partial(run_state.save_checkpoint, trainer, tokenizer=tokenizer, config=c, procs=procs)
+    return run_loop(trainer, c, procs, run, WindowBatches(c, train_shards, val_shards), save, on_step)
 
 
-def _loop(trainer: Trainer, c: TrainConfig, procs: Processes, run: Path, tokenizer, train_shards, val_shards,
-          on_step) -> TrainResult:
-    from minillama.data.shards import RandomWindows, sequential_windows
-
+def run_loop(trainer: Trainer, c: TrainConfig, procs: Processes, run: Path, data, save, on_step,
+             flops_per_token: float | None = None) -> TrainResult:
+    """Steps until max_steps, the time budget or Ctrl-C: log, evaluate, save(folder) every save_every steps
+    and at the end to RUN/final. data.batch(step, rows) is step's batch (this process's rows),
+    data.validation(rows) the validation batches; flops_per_token for the MFU (default pretraining's)."""
     B, W, rank = c.batch_size, procs.world_size, procs.rank
     rows = slice(rank * B // W, (rank + 1) * B // W)  # this process's share of every global batch
-    windows = RandomWindows(train_shards, c.seq_len, B, c.seed)
-    val_batches = [b[rows] for b in sequential_windows(val_shards, c.seq_len, B, c.eval_steps)]
+    val_batches = data.validation(rows)
     budget = parse_duration(c.time_budget) if c.time_budget else None
-    report = Reporter(run, trainer, c, procs, budget)
+    report = Reporter(run, trainer, c, procs, budget, flops_per_token)
     start_step, start, saved_step = trainer.step, time.perf_counter(), trainer.step
     interrupted, previous_handler = _catch_sigint()
     try:
         while trainer.step < trainer.total_steps:
             t0 = time.perf_counter()
             try:
-                metrics = trainer.train_step(windows.batch(trainer.step, rows))
+                metrics = trainer.train_step(data.batch(trainer.step, rows))
             except FloatingPointError as e:
                 last = run_state.latest_checkpoint(run)
                 raise UserError(f"step {trainer.step + 1}: {e}: training stopped; the last good checkpoint is "
@@ -157,7 +192,7 @@ def _loop(trainer: Trainer, c: TrainConfig, procs: Processes, run: Path, tokeniz
                 entry["val_loss"] = trainer.evaluate(val_batches)
             report.add(entry, elapsed)
             if step % (c.save_every or c.eval_every) == 0 and step < trainer.total_steps and not over:
-                run_state.save_checkpoint(trainer, run / f"step_{step:06d}", tokenizer, c, procs)
+                save(run / f"step_{step:06d}")
                 saved_step = step
             if on_step is not None:
                 on_step(trainer, entry)
@@ -167,14 +202,14 @@ def _loop(trainer: Trainer, c: TrainConfig, procs: Processes, run: Path, tokeniz
                 break
     except KeyboardInterrupt:
         if trainer.step > saved_step:  # a step completed since the last save: keep it
-            run_state.save_checkpoint(trainer, run / f"step_{trainer.step:06d}", tokenizer, c, procs)
+            save(run / f"step_{trainer.step:06d}")
             report.write(f"interrupted: saved {run / f'step_{trainer.step:06d}'}; continue with --resume")
         raise
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
         report.close()
-    run_state.save_checkpoint(trainer, run / "final", tokenizer, c, procs)
+    save(run / "final")
     return report.result()
 
 

@@ -3,6 +3,7 @@ never exist at once. At small model sizes the 32k-way classifier and its log-sof
 of a training step (most of the FLOPs at the stories15M shape), so this is where a trainer gains most."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minillama.model import Llama
@@ -87,12 +88,28 @@ class CausalLMLoss(nn.Module):
         self.llama = llama
         self.chunk_size = chunk_size
 
-    def forward(self, inputs, targets):
-        """inputs, targets (B, T) -> mean cross-entropy of predicting targets[b, t] after inputs[b, :t+1]."""
+    def forward(self, inputs, targets, attention_mask=None):
+        """inputs, targets (B, T) -> mean cross-entropy of predicting targets[b, t] after inputs[b, :t+1], over
+        the targets that are not -100 (fine-tuning: prompts and padding carry none), plus the router losses of
+        a mixture of experts. attention_mask: see Llama.hidden_states (packed examples pass a (B, 1, T, T) one)."""
         routing = [] if self.llama.config.n_experts and torch.is_grad_enabled() else None  # router logits
-        hidden = self.llama.hidden_states(inputs, router_logits=routing)  # (B, T, C)
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, C)
-        loss = chunked_cross_entropy(hidden, self.llama.head_weight, targets.reshape(-1), self.chunk_size)
+        hidden = self.llama.hidden_states(inputs, attention_mask, router_logits=routing)  # (B, T, C)
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (B·T, C), (B·T,)
+        learnt = targets != -100  # only these rows need the V-way classifier: SFT's prompts skip it
+        loss = chunked_cross_entropy(hidden[learnt], self.llama.head_weight, targets[learnt], self.chunk_size)
         if routing:
             loss = loss + router_loss(routing, self.llama.config)
         return loss
+
+
+class ClassificationLoss(nn.Module):
+    """A LlamaForSequenceClassification and its cross-entropy as one module, for the same Trainer. The
+    attribute is named `llama` as in CausalLMLoss, so parallelize() finds the decoder layers the same way."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.llama = classifier
+
+    def forward(self, inputs, targets, attention_mask=None):
+        """inputs (B, T), attention_mask (B, T) 1 = real token, targets (B,) class ids -> mean cross-entropy."""
+        return F.cross_entropy(self.llama(inputs, attention_mask), targets)

@@ -60,7 +60,8 @@ def plot_losses(entries: list[dict], path: Path) -> None:
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a 1024³ matmul, best of 5 repeats: this machine's practical peak, the MFU denominator."""
-    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    # its own generator: the global one is the run's (dropout), which a resumed run restores before this
+    a = torch.randn(1024, 1024, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(0))
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
@@ -72,12 +73,15 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 class Reporter:
     """What process 0 shows and writes: the bar, a log line per evaluation, RUN/log.jsonl, RUN/loss.png."""
 
-    def __init__(self, run: Path, trainer, c: TrainConfig, procs, budget: float | None):
-        from minillama.model.calc import flops_per_token
+    def __init__(self, run: Path, trainer, c: TrainConfig, procs, budget: float | None,
+                 flops_per_token: float | None = None):
+        """flops_per_token: of a training step, for the MFU (default pretraining's, calc.flops_per_token)."""
+        from minillama.model import calc
 
         self.run, self.trainer, self.budget, self.enabled = run, trainer, budget, procs.rank == 0
         self.tokens_per_step = c.batch_size * c.seq_len
-        self.flops_per_step = flops_per_token(trainer.model.config, c.seq_len) * self.tokens_per_step
+        flops_per_token = flops_per_token or calc.flops_per_token(trainer.model.config, c.seq_len)
+        self.flops_per_step = flops_per_token * self.tokens_per_step
         self.peak = measure_peak_flops(procs.device, trainer.autocast_dtype or torch.float32) * procs.world_size
         self.times, self.entries, self.log = [], [], None  # step seconds of this session; log entries
         if self.enabled:

@@ -1,6 +1,6 @@
-"""One optimizer update: the Trainer takes a batch of token windows and does forward, backward, clipping
-and an AdamW step, with gradient accumulation, bf16 autocast and the sync across processes. The loop
-that feeds it batches, evaluates, logs and saves is loop.py.
+"""One optimizer update: the Trainer takes a batch (token windows, or a fine-tuning batch) and does forward,
+backward, clipping and an AdamW step, with gradient accumulation, bf16 autocast and the sync across
+processes. The loop that feeds it batches, evaluates, logs and saves is loop.py.
 """
 
 import contextlib
@@ -23,6 +23,8 @@ def optimizer_groups(model: Llama, weight_decay: float) -> list[dict]:
     a value with no special meaning for a gain, an offset or a token's vector."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # a tied head is the embedding, listed once
+        if not p.requires_grad:  # frozen (the base under LoRA): no gradient, no optimizer state
+            continue
         if name.endswith(".bias") or "norm" in name or "embed_tokens" in name:
             no_decay.append(p)
         else:
@@ -47,12 +49,13 @@ def bf16_supported(device: torch.device) -> bool:
 class Trainer:
     """Optimizer steps on given batches: what train() loops over, and what a benchmark can drive.
 
-    `config` is a TrainConfig (only its optimisation fields are read). Each process passes its own rows
-    of the global batch to train_step; the returned loss is the mean over all processes.
+    `config` is a TrainConfig (only its optimisation fields are read). `loss` is the model and its loss as
+    one module (default CausalLMLoss(model); fine-tuning passes its own). Each process passes its own rows
+    of the global batch to train_step; the returned loss is the mean over all the targets of all processes.
     """
 
     def __init__(self, model: Llama, config, *, world_size: int = 1, device: torch.device | None = None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, loss: torch.nn.Module | None = None):
         self.model, self.config, self.world_size = model, config, world_size
         self.device = device or torch.device("cpu")
         self.total_steps = total_steps or config.max_steps or 1
@@ -63,7 +66,8 @@ class Trainer:
                 self.autocast_dtype = torch.bfloat16
             else:
                 print("note: this CPU has no native bfloat16 matmul; training in float32", file=sys.stderr)
-        self.module = parallelize(CausalLMLoss(model), world_size, fsdp=config.fsdp, compile=config.compile,
+        loss = CausalLMLoss(model) if loss is None else loss
+        self.module = parallelize(loss, world_size, fsdp=config.fsdp, compile=config.compile,
                                   activation_checkpointing=config.activation_checkpointing, device=self.device)
         # fused AdamW: one kernel for all parameters (CPU and CUDA); FSDP's sharded DTensors need foreach
         self.optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.lr,
@@ -88,36 +92,50 @@ class Trainer:
             return self.module.no_sync()  # DDP
         return contextlib.nullcontext()
 
-    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+    def _sum_over_processes(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value = value / self.world_size
         return value
 
-    def _micro_batches(self, batch):
-        micro = self.config.micro_batch_size or batch.shape[0]
-        if batch.shape[0] % micro:
-            raise UserError(f"batch of {batch.shape[0]} rows does not split into micro-batches of {micro}")
-        return [batch[i:i + micro].to(self.device) for i in range(0, batch.shape[0], micro)]
+    def _micro_batches(self, batch) -> list[dict]:
+        """This process's rows as micro-batches of the loss module's keyword arguments: token windows (B, T+1)
+        become inputs and targets shifted by one; a fine-tuning batch is a dict of (B, ...) tensors already."""
+        if torch.is_tensor(batch):
+            batch = {"inputs": batch[:, :-1], "targets": batch[:, 1:]}  # (B, T) each
+        rows = len(batch["inputs"])
+        micro = self.config.micro_batch_size or rows
+        if rows % micro:
+            raise UserError(f"batch of {rows} rows does not split into micro-batches of {micro}")
+        return [{k: v[i:i + micro].to(self.device) for k, v in batch.items()} for i in range(0, rows, micro)]
 
-    def train_step(self, batch: torch.Tensor) -> dict:
-        """One optimizer update on this process's rows, batch (B, T+1). Returns loss, lr and grad_norm.
-        Raises FloatingPointError, without updating, when the loss or the gradient is NaN or infinite."""
+    @staticmethod
+    def _target_counts(micro_batches) -> list[torch.Tensor]:
+        """How many targets (not -100: prompts and padding) each micro-batch holds."""
+        return [(m["targets"] != -100).sum() for m in micro_batches]
+
+    def train_step(self, batch) -> dict:
+        """One optimizer update on this process's rows: token windows (B, T+1), or a dict of the loss module's
+        arguments. Returns loss, lr and grad_norm. Raises FloatingPointError, without updating, when the loss
+        or the gradient is NaN or infinite."""
         c = self.config
         lr = lr_at(self.step, c.lr, c.min_lr if c.min_lr is not None else c.lr / 10, self.warmup_steps,
                    self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = self._micro_batches(batch)
+        counts = self._target_counts(micro_batches)
+        total = self._sum_over_processes(torch.stack(counts).sum())  # targets in the global batch
         loss_sum = torch.zeros((), device=self.device)
-        for i, rows in enumerate(micro_batches):
+        for i, (rows, count) in enumerate(zip(micro_batches, counts)):
             with self._gradient_sync(i == len(micro_batches) - 1):
                 with self._autocast():
-                    loss = self.module(rows[:, :-1], rows[:, 1:])  # inputs, targets (B, T)
-                # micro-batches hold equal numbers of targets: the mean of their means is the batch mean
-                (loss / len(micro_batches)).backward()
-            loss_sum += loss.detach()
-        loss = self._mean_over_processes(loss_sum / len(micro_batches)).item()
+                    loss = self.module(**rows)  # the mean over this micro-batch's targets
+                # weighted by its share of the global batch's targets, so the gradient is the global mean's
+                # (token windows: equal shares, 1 / micro-batches); x processes, as DDP averages over them
+                share = total / (count * self.world_size)
+                (loss / share).backward()
+            loss_sum += loss.detach() * count
+        loss = (self._sum_over_processes(loss_sum) / total).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), c.grad_clip or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -129,16 +147,21 @@ class Trainer:
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
 
     @torch.no_grad()
-    def evaluate(self, batches: list[torch.Tensor]) -> float:
-        """Mean loss over batches, each (B, T+1) of this process's rows, averaged over processes."""
-        losses = []
+    def evaluate(self, batches: list) -> float:
+        """Mean loss over all targets of the batches (as for train_step, this process's rows) and processes."""
+        loss_sum, total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        training = self.module.training
+        self.module.eval()  # no dropout (LoRA's) while measuring
         for batch in batches:
-            for rows in self._micro_batches(batch):
+            micro_batches = self._micro_batches(batch)
+            for rows, count in zip(micro_batches, self._target_counts(micro_batches)):
                 with self._autocast():
-                    losses.append(self.module(rows[:, :-1], rows[:, 1:]).float())
+                    loss_sum += self.module(**rows).float() * count
+                total += count
+        self.module.train(training)
         if self.config.fsdp:  # the root keeps its gathered weights after a forward with no backward
             self.module.reshard()
-        return self._mean_over_processes(torch.stack(losses).mean()).item()
+        return (self._sum_over_processes(loss_sum) / self._sum_over_processes(total)).item()
 
     # ---- state for checkpoints: collective under FSDP, so every process calls these ----
 
