@@ -129,12 +129,18 @@ def run_peer(peer: str, path: Path, job: dict) -> dict:
 
 
 def bare_import(contender: str) -> tuple[float, float]:
-    """(seconds, peak MB) of a process that only imports the contender: subtracted from its runs."""
+    """(seconds, peak MB) of a process that only imports the contender: subtracted from its runs. Seconds
+    from the start to the end of the imports (a torch process takes ~0.3 s more to exit); the fastest of
+    three, as the first import after a while reads the libraries from disk and the runs then don't."""
     module = {"minillama": "torch, minillama", "llama.cpp": "llama_cpp", "transformers": "torch, transformers"}
-    code = f"import {module[contender]}; from minillama.bench.common import peak_memory_mb; print(peak_memory_mb())"
-    start = time.time()
-    peak = float(_run([sys.executable, "-c", code]))
-    return time.time() - start, peak
+    code = (f"import time, {module[contender]}; from minillama.bench.common import peak_memory_mb; "
+            "print(time.time(), peak_memory_mb())")
+    runs = []
+    for _ in range(3):
+        start = time.time()
+        imported, peak = map(float, _run([sys.executable, "-c", code]).split())
+        runs.append((imported - start, peak))
+    return min(runs)
 
 
 # ---- the run ----
