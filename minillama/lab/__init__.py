@@ -13,7 +13,9 @@ from pathlib import Path
 from minillama.config import UserError
 
 # name: (module under minillama.lab, what it shows); `minillama lab` lists them
-EXPERIMENTS: dict[str, tuple[str, str]] = {}
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "long-context": ("long_context", "RoPE scaling, ReRoPE and ALiBi past the training length: perplexity, passkey"),
+}
 
 
 def lab_flags(p) -> None:
