@@ -21,4 +21,9 @@ test: venv
 test-slow: venv
 	$(BIN)/python -m pytest -m slow
 
-.PHONY: venv demo test test-slow
+# llama.cpp runs our GGUF exports: the llamacpp extra compiles llama.cpp once (~5 min on 2 cores; pip caches the wheel)
+test-llamacpp: venv
+	$(BIN)/pip install -q -e '.[test,llamacpp]'
+	$(BIN)/python -m pytest -m llamacpp
+
+.PHONY: venv demo test test-slow test-llamacpp

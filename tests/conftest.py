@@ -56,3 +56,44 @@ def gguf_vocab(vocab_dir):
         return loaded[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def vocab_vectors(vocab_dir):
+    """vocab_vectors("qwen2") -> [(text, ids)]: llama.cpp's test cases for that vocabulary, read the way its
+    tests/test-tokenizer-0.cpp reads them: the .inp file separates inputs with a line `__ggml_vocab_test__`,
+    the .out file has one line of ids per input."""
+
+    def read(name):
+        path = vocab_dir / f"ggml-vocab-{name}.gguf"
+        raw = path.with_name(path.name + ".inp").read_bytes().decode("utf-8")
+        texts = raw.split("\n__ggml_vocab_test__\n")
+        if texts[-1] == "":  # the file ends with a separator
+            texts.pop()
+        lines = path.with_name(path.name + ".out").read_text(encoding="utf-8").split("\n")
+        if lines[-1] == "":  # the file ends with a newline
+            lines.pop()
+        assert len(texts) == len(lines), f"{path.name}: {len(texts)} inputs but {len(lines)} outputs"
+        return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines)]
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """A stories260K-shaped model trained by `minillama train` for 40 steps with its own 512-piece
+    SentencePiece tokenizer, on one thread (tiny matrices; see test_train.one_thread): its final folder."""
+    import torch
+
+    from minillama.config import TrainConfig
+    from minillama.train.loop import train
+
+    root = tmp_path_factory.mktemp("trained")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(corpus=["shakespeare"], preset="stories260K", vocab_size=512, seq_len=128, batch_size=8,
+                          lr=3e-3, warmup_steps=4, max_steps=40, eval_every=40, eval_steps=1, out=str(root / "run")))
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run" / "final"

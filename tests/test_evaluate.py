@@ -156,12 +156,15 @@ def test_cli_eval_prints_json(smollm2, tmp_path, capsys):
     path, model, tokenizer = smollm2
     text = tmp_path / "story.txt"
     text.write_text(TEXT, encoding="utf-8")
-    assert main(["eval", "smollm2", "--text", str(text), "--context", "32", "--stride", "16",
-                 "--max-tokens", "50", "--json"]) == 0
+    args = ["eval", "smollm2", "--text", str(text), "--context", "32", "--stride", "16", "--max-tokens", "50", "--json"]
+    assert main(args + ["--plain"]) == 0  # the fp32 reference path: the same numbers as in-process
     r = json.loads(capsys.readouterr().out)
     ids = tokenizer.encode(TEXT)[:50]
     assert r["tokens"] == 49 and r["context"] == 32 and r["stride"] == 16
-    assert r["perplexity"] == pytest.approx(perplexity(model, ids, 32, 16)["perplexity"], rel=1e-4)
+    reference = perplexity(model, ids, 32, 16)["perplexity"]
+    assert r["perplexity"] == pytest.approx(reference, rel=1e-4)
+    assert main(args) == 0  # the default fast path: Q4_1 blocks, bf16 GEMMs over whole windows
+    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(reference, rel=0.01)
     assert r["bytes"] == len(tokenizer.decode(ids, skip_special_tokens=True).encode())
 
 

@@ -29,23 +29,9 @@ def smollm2(smollm2_tokenizer):
     return smollm2_tokenizer
 
 
-def read_vectors(path):
-    """(text, ids) cases the way llama.cpp's tests/test-tokenizer-0.cpp reads them: the .inp file
-    separates inputs with a line `__ggml_vocab_test__`, the .out file has one line of ids per input."""
-    raw = path.with_name(path.name + ".inp").read_bytes().decode("utf-8")
-    texts = raw.split("\n__ggml_vocab_test__\n")
-    if texts[-1] == "":  # the file ends with a separator
-        texts.pop()
-    lines = path.with_name(path.name + ".out").read_text(encoding="utf-8").split("\n")
-    if lines[-1] == "":  # the file ends with a newline
-        lines.pop()
-    assert len(texts) == len(lines), f"{path.name}: {len(texts)} inputs but {len(lines)} outputs"
-    return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines)]
-
-
 @pytest.mark.parametrize("name", VOCABS)
-def test_llama_cpp_reference_vectors(name, vocab_dir, gguf_vocab):
-    cases = read_vectors(vocab_dir / f"ggml-vocab-{name}.gguf")
+def test_llama_cpp_reference_vectors(name, vocab_vectors, gguf_vocab):
+    cases = vocab_vectors(name)
     assert len(cases) >= 40
     tok = gguf_vocab(name)
     for text, ids in cases:

@@ -1,241 +1,236 @@
-"""`minillama bench generate`: decode and prefill speed against transformers, on the same weights.
+"""`minillama bench generate`: minillama as a user runs it, against llama.cpp and transformers, in one run.
 
-For each model (the stories15M and stories110M shapes with random weights, SmolLM2-135M dequantized from
-its GGUF) and each contender (transformers' LlamaForCausalLM.generate; our generator on the plain model,
-with the fp32 decode kernel, in bf16, with int8 weights) it measures
-
-  decode tok/s at batch 1 and 8: greedy, a fixed number of new tokens (transformers gets
-      min_new_tokens = max_new_tokens), timed from the first new token to the last, so prefill is out;
-  prefill tok/s: a 512-token prompt, timed to the first new token;
-
-and divides by transformers' figures. Decoding reads every weight once per step, so its ceiling is
-memory bandwidth: `% bw` = (weight bytes read per step × steps/s) / the bandwidth measured in this run
-(a 2-thread sum over 512 MB). The machine is shared, so contenders alternate within each round, the
-table shows medians over rounds, and `busy` is how much of the CPU other processes used meanwhile.
+Every contender is its own process on the same GGUF file, measured the way its user sees it:
+  minillama     `minillama generate FILE --prompt-ids ... --temperature 0 --ignore-eos` with its defaults;
+                decode and prefill tok/s from its own timing line, which excludes loading
+  llama.cpp     llama-cpp-python, 2 threads (peers.py: the same greedy batches through llama_decode)
+  transformers  LlamaForCausalLM.generate on the same file, fp32 (peers.py)
+Rows: SmolLM2-135M-Instruct Q4_1 (the shipped file), the same in Q8_0 (llama.cpp's own quantizer), and
+a stories110M-shaped model with random weights in f32 and bf16. Measured: decode tok/s at batch 1 and
+(aggregated) at batch 8, prefill tok/s of a 512-token prompt, time from process start to the first
+token minus a bare `import` of the same program, and peak memory beyond that import. `% bw` = the
+weight bytes a decode step reads × steps/s / the memory bandwidth measured in this run. The machine is
+shared: contenders alternate within each round, medians over rounds are shown, with the load average.
 """
 
-import copy
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
-from minillama.bench.common import CpuMeter, hf_twin, import_transformers
-from minillama.config import UserError, preset
+from minillama.bench.common import CpuMeter
+from minillama.config import UserError
 
-MODELS = ("stories15M", "stories110M", "smollm2")
-CONTENDERS = ("transformers", "minillama", "fast", "compiled", "bf16", "int8")
-HELP = {"transformers": "transformers LlamaForCausalLM.generate, fp32", "minillama": "our generator, fp32",
-        "fast": "+ apply_fast_linear (fp32 decode kernel)", "compiled": "+ apply_fast_linear + apply_compile",
-        "bf16": "+ apply_bf16", "int8": "+ apply_int8 (weights int8, activations bf16 in matmuls)"}
+ROWS = ("smollm2-q4_1", "smollm2-q8_0", "stories110m-f32", "stories110m-bf16")
+CONTENDERS = ("minillama", "llama.cpp", "transformers")
+TRANSFORMERS_ROWS = ("smollm2-q4_1", "stories110m-f32")  # it dequantizes everything to fp32 anyway
 
 
-def measure_bandwidth(megabytes: int = 512) -> float:
-    """Bytes/s that torch's threads read with a sum over a buffer far larger than the caches (best of 5)."""
-    x = torch.ones(megabytes * 2**20 // 4)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(5))
-    return x.numel() * 4 / best
+# ---- the files ----
+
+def bench_file(row: str) -> Path:
+    """The GGUF file of a row, made once into the cache."""
+    from minillama.data.assets import cache_dir, smollm2_gguf
+
+    if row == "smollm2-q4_1":
+        return smollm2_gguf()
+    path = cache_dir() / "bench" / f"{row}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        print(f"writing {path} (once) ...", file=sys.stderr)
+        if row == "smollm2-q8_0":
+            import llama_cpp
+
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True
+            if llama_cpp.llama_model_quantize(str(smollm2_gguf()).encode(), str(tmp).encode(), params) != 0:
+                raise UserError("llama.cpp could not quantize SmolLM2 to Q8_0")
+        else:
+            write_stories_gguf(tmp, torch.bfloat16 if row.endswith("bf16") else torch.float32)
+        os.replace(tmp, path)
+    return path
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-# ---- models and contenders ----
-
-def base_model(name: str):
-    """fp32 Llama of a named shape: random weights (init_weights) for the stories shapes, SmolLM2's GGUF."""
-    if name == "smollm2":
-        from minillama.checkpoint import load_model
-        from minillama.data.assets import smollm2_gguf
-
-        return load_model(smollm2_gguf()).eval()
+def write_stories_gguf(path: Path, dtype) -> None:
+    """stories110M's shape with random weights and Llama 2's 32k SentencePiece vocabulary, as GGUF."""
+    from minillama.checkpoint.gguf_export import export_gguf
+    from minillama.config import preset
+    from minillama.data.assets import llama_cpp_vocab_dir
     from minillama.model import Llama
+    from minillama.tokenizer import load_tokenizer
 
-    # a context long enough for the 512-token prefill; max_seq_len changes no weight
-    config = preset(name).replace(max_seq_len=max(preset(name).max_seq_len, 1024))
-    return Llama(config).init_weights(seed=0).eval()
-
-
-def make_contender(name: str, base):
-    from minillama.perf.compile import apply_compile
-    from minillama.perf.gemv import apply_fast_linear
-    from minillama.perf.quantize import apply_bf16, apply_int8
-
-    if name == "transformers":
-        return hf_twin(base)
-    build = {"minillama": lambda m: m, "fast": apply_fast_linear, "bf16": apply_bf16, "int8": apply_int8,
-             "compiled": lambda m: apply_compile(apply_fast_linear(m))}
-    return build[name](base if name == "minillama" else copy.deepcopy(base))
+    model = Llama(preset("stories110M").replace(max_seq_len=1024)).init_weights(0)
+    tokenizer = load_tokenizer(llama_cpp_vocab_dir() / "ggml-vocab-llama-spm.gguf")
+    export_gguf(model, tokenizer, path, "bf16" if dtype == torch.bfloat16 else "f32", force=True)
 
 
-def weight_bytes(model) -> int:
-    """Bytes one decode step reads: every matmul's weights (an embedding lookup reads one row: ignored)."""
-    from minillama.perf.quantize import Int8Linear
+def weight_bytes(path: Path) -> int:
+    """Bytes a decode step reads: every tensor but the embedding (a lookup reads one row), which a tied
+    model reads whole as its LM head."""
+    from gguf import GGUFReader
 
-    total = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            total += m.weight.numel() * m.weight.element_size()
-        elif isinstance(m, Int8Linear):
-            total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()
-    return total
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    return sum(tensors.values()) - (tensors["token_embd.weight"] if "output.weight" in tensors else 0)
 
 
-# ---- one measurement: returns the wall times of the prefill and of each new token ----
+# ---- one contender, one file: its processes ----
 
-def token_times(contender, model, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
-    """Generate `new_tokens` greedily for the prompts; (seconds to the first new token, [time stamp of
-    each new token]). Both generators are timed the same way, at the moment each token exists."""
-    start = time.perf_counter()
-    if contender == "transformers":
-        transformers = import_transformers()
-
-        stamps = []
-
-        class Stamp(transformers.LogitsProcessor):  # called once per step, right after the forward
-            def __call__(self, input_ids, scores):
-                stamps.append(time.perf_counter())
-                return scores
-
-        ids = torch.tensor(prompts)
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, pad_token_id=0,
-                           min_new_tokens=new_tokens, do_sample=False,
-                           logits_processor=transformers.LogitsProcessorList([Stamp()]))
-    else:
-        from minillama.config import GenerationConfig
-        from minillama.infer.generate import generate_ids
-
-        config = GenerationConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-        stamps = [time.perf_counter() for _ in generate_ids(model, prompts, config)]
-    if len(stamps) != new_tokens:
-        raise RuntimeError(f"{contender} generated {len(stamps)} tokens, not {new_tokens}")
-    return stamps[0] - start, stamps
+def run_minillama(path: Path, job: dict) -> dict:
+    base = [sys.executable, "-m", "minillama", "generate", str(path), "--temperature", "0", "--ignore-eos"]
+    ids = lambda prompt: ["--prompt-ids", ",".join(map(str, prompt))]  # noqa: E731
+    t0 = time.time()
+    with tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(base + ids(job["b1"]) + ["--max-new-tokens", str(job["new_tokens"]), "--stream"],
+                                   stdout=subprocess.PIPE, stderr=err)
+        process.stdout.read(1)  # the first streamed piece: the first token exists
+        first = time.time() - t0
+        process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)  # reaped here, for its peak memory
+        process.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        log = err.read().decode()
+    if process.returncode:
+        raise RuntimeError(f"minillama generate failed: {log[-500:]}")
+    decode_b1 = float(re.search(r"decode \d+ tok \| ([\d.]+) tok/s", log).group(1))
+    rows = [json.loads(line) for line in _run(base + sum((ids(p) for p in job["b8"]), []) +
+                                                ["--max-new-tokens", str(job["batch_tokens"]), "--json"]).splitlines()]
+    prefill = json.loads(_run(base + ids(job["prefill"]) + ["--max-new-tokens", "1", "--json"]))
+    return {"decode_b1": decode_b1, "decode_b8": rows[0]["decode_tokens_per_s"],
+            "prefill": prefill["prefill_tokens_per_s"], "first_token_s": first, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def measure(contender, model, vocab: int, batch: int, new_tokens: int, prompt_len: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
-    with CpuMeter() as meter:
-        first, stamps = token_times(contender, model, prompts, new_tokens)
-    steps_per_s = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-    return {"prefill": batch * prompt_len / first, "decode": batch * steps_per_s, "steps_per_s": steps_per_s,
-            "others": meter.others}
+def _run(cmd: list[str]) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:5])} failed: {result.stderr[-500:]}")
+    return result.stdout
+
+
+def run_peer(peer: str, path: Path, job: dict) -> dict:
+    cmd = [sys.executable, "-m", "minillama.bench.peers", peer, str(path), "--t0", str(time.time())]
+    result = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{peer} failed: {result.stderr[-800:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bare_import(contender: str) -> tuple[float, float]:
+    """(seconds, peak MB) of a process that only imports the contender: subtracted from its runs."""
+    module = {"minillama": "torch, minillama", "llama.cpp": "llama_cpp", "transformers": "torch, transformers"}
+    code = f"import resource, {module[contender]}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    start = time.time()
+    rss = float(_run([sys.executable, "-c", code]))
+    return time.time() - start, rss / 1024
 
 
 # ---- the run ----
 
-def run_bench(models=MODELS, contenders=CONTENDERS, rounds: int = 3, new_tokens: int = 32,
-              prefill_tokens: int = 512, batch: int = 8, progress: bool = True) -> list[dict]:
-    """One row per (model, contender): medians over rounds. Contenders alternate within each round."""
+def measure_bandwidth(megabytes: int = 512) -> float:
+    """Bytes/s that torch's threads read with a sum over a buffer far larger than the caches (best of 5)."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(6):
+        with CpuMeter() as meter:
+            x.sum()
+        best = min(best, meter.seconds)
+    return x.numel() * 4 / best
+
+
+def make_job(vocab: int, new_tokens: int, batch_tokens: int, seed: int) -> dict:
+    """Random prompts (ids 3.. of the vocabulary): 16 tokens for decoding, 512 for the prefill."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, min(vocab, 32000), (n,), generator=g).tolist()  # noqa: E731
+    return {"b1": ids(16), "b8": [ids(16) for _ in range(8)], "prefill": ids(512), "new_tokens": new_tokens,
+            "batch_tokens": batch_tokens}
+
+
+def run_bench(rows=ROWS, contenders=CONTENDERS, rounds: int = 2, new_tokens: int = 128, batch_tokens: int = 32,
+              progress: bool = True) -> list[dict]:
+    """One result per (row, contender): medians over rounds; contenders alternate within each round."""
     from tqdm import tqdm
 
-    rows = []
-    for name in models:
-        base = base_model(name)
-        built = {c: make_contender(c, base) for c in contenders}
-        results = {c: [] for c in contenders}
-        bandwidths = []
-        tasks = [(r, c) for r in range(rounds) for c in contenders]
-        for r, c in tqdm(tasks, desc=f"bench {name}", disable=not progress, file=sys.stderr):
-            if c == contenders[0]:
-                bandwidths.append(measure_bandwidth())
-            vocab = base.config.vocab_size
-            if r == 0:  # warm-up of every shape measured (and compilation, for `compiled`), untimed
-                for b, n, length in ((1, 3, 16), (batch, 3, 16), (1, 2, prefill_tokens)):
-                    measure(c, built[c], vocab, b, n, length, seed=99)
-            results[c].append({
-                "b1": measure(c, built[c], vocab, 1, new_tokens, 16, seed=r),
-                f"b{batch}": measure(c, built[c], vocab, batch, new_tokens, 16, seed=r),
-                "prefill": measure(c, built[c], vocab, 1, 2, prefill_tokens, seed=r),
-            })
-        bandwidth = statistics.median(bandwidths)
-        for c in contenders:
-            rows.append(summarize(name, c, results[c], weight_bytes(built[c]), bandwidth, batch))
-        del built, base
-        # compiled code is cached per function, not per model: without a reset the next model's shapes
-        # would pile recompilations onto this one's until torch gives up and runs it eagerly
-        torch._dynamo.reset()
-    reference = {row["model"]: row for row in rows if row["contender"] == "transformers"}
-    for row in rows:
-        ref = reference.get(row["model"])
-        for key in ("decode_b1", f"decode_b{batch}", "prefill"):
-            row[key + "_ratio"] = row[key] / ref[key] if ref else None
-    return rows
+    from minillama.checkpoint.load import load_config
+
+    imports = {c: bare_import(c) for c in contenders}
+    results, bandwidths = {}, []
+    tasks = [(r, row, c) for r in range(rounds) for row in rows for c in contenders
+             if c != "transformers" or row in TRANSFORMERS_ROWS]
+    for r, row, c in tqdm(tasks, desc="bench generate", disable=not progress, file=sys.stderr):
+        path = bench_file(row)
+        if c == contenders[0]:
+            bandwidths.append(measure_bandwidth())
+        job = make_job(load_config(path).vocab_size, new_tokens, batch_tokens, seed=r)
+        got = run_minillama(path, job) if c == "minillama" else run_peer(c, path, job)
+        got["first_token_s"] -= imports[c][0]
+        got["memory_mb"] = got.pop("peak_rss_mb") - imports[c][1]
+        results.setdefault((row, c), []).append(got)
+    bandwidth = statistics.median(bandwidths)
+    table = []
+    for (row, c), runs in results.items():
+        median = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+        steps = median["decode_b1"]
+        table.append({"row": row, "contender": c, **median, "file_mb": bench_file(row).stat().st_size / 1e6,
+                      "bandwidth_share": steps * weight_bytes(bench_file(row)) / bandwidth,
+                      "bandwidth_gbs": bandwidth / 1e9, "rounds": len(runs)})
+    for entry in table:  # ratios against the peers on the same row
+        for peer in ("llama.cpp", "transformers"):
+            ref = next((e for e in table if e["row"] == entry["row"] and e["contender"] == peer), None)
+            for key in ("decode_b1", "decode_b8", "prefill"):
+                entry[f"{key}_vs_{peer}"] = entry[key] / ref[key] if ref else None
+    return table
 
 
-def summarize(model: str, contender: str, results: list[dict], nbytes: int, bandwidth: float, batch: int):
-    med = lambda part, key: statistics.median(r[part][key] for r in results)  # noqa: E731
-    steps_b1 = med("b1", "steps_per_s")
-    return {
-        "model": model, "contender": contender, "weight_mb": nbytes / 1e6, "bandwidth_gbs": bandwidth / 1e9,
-        "decode_b1": med("b1", "decode"), f"decode_b{batch}": med(f"b{batch}", "decode"),
-        "prefill": med("prefill", "prefill"),
-        "bandwidth_fraction": steps_b1 * nbytes / bandwidth,  # of the limit, at batch 1
-        "others_cpu": statistics.median([r[p]["others"] or 0.0 for r in results for p in r]),
-        "rounds": len(results),
-    }
-
-
-def format_table(rows: list[dict], batch: int) -> str:
-    head = (f"{'model':<12} {'contender':<13} {'weights':>8} | {'decode b1':>9} {'ratio':>6} {'% bw':>5} | "
-            f"{'decode b' + str(batch):>10} {'ratio':>6} | {'prefill':>8} {'ratio':>6} | {'busy':>5}")
-    lines = [head, "-" * len(head)]
+def format_table(table: list[dict]) -> str:
     ratio = lambda r: f"{r:5.2f}x" if r is not None else "     -"  # noqa: E731
-    for r in rows:
+    head = (f"{'row':<17} {'contender':<12} | {'decode b1':>9} {'vs lcpp':>7} {'vs hf':>6} {'% bw':>5} | "
+            f"{'b8 aggr':>8} {'vs b1':>6} {'vs lcpp':>7} | {'prefill':>8} {'vs lcpp':>7} {'vs hf':>6} | "
+            f"{'1st tok':>7} | {'memory':>7} {'file':>6}")
+    lines = [head, "-" * len(head)]
+    for e in table:
         lines.append(
-            f"{r['model']:<12} {r['contender']:<13} {r['weight_mb']:6.0f}MB | {r['decode_b1']:9.1f} "
-            f"{ratio(r['decode_b1_ratio'])} {100 * r['bandwidth_fraction']:4.0f}% | "
-            f"{r[f'decode_b{batch}']:10.1f} {ratio(r[f'decode_b{batch}_ratio'])} | {r['prefill']:8.1f} "
-            f"{ratio(r['prefill_ratio'])} | {100 * r['others_cpu']:4.0f}%")
-    bandwidths = sorted({f"{r['model']} {r['bandwidth_gbs']:.1f}" for r in rows})
-    lines += ["", "tok/s, medians over rounds; ratio = / transformers on the same weights; % bw = weight bytes "
-              "per step x steps/s / measured bandwidth (GB/s: " + ", ".join(bandwidths) + "); busy = share "
-              "of the CPUs other processes used meanwhile"]
-    lines += [f"  {name}: {HELP[name]}" for name in dict.fromkeys(r["contender"] for r in rows)]
+            f"{e['row']:<17} {e['contender']:<12} | {e['decode_b1']:9.1f} {ratio(e['decode_b1_vs_llama.cpp'])} "
+            f"{ratio(e['decode_b1_vs_transformers'])} {100 * e['bandwidth_share']:4.0f}% | {e['decode_b8']:8.1f} "
+            f"{ratio(e['decode_b8'] / e['decode_b1'])} {ratio(e['decode_b8_vs_llama.cpp'])} | {e['prefill']:8.1f} "
+            f"{ratio(e['prefill_vs_llama.cpp'])} {ratio(e['prefill_vs_transformers'])} | {e['first_token_s']:6.2f}s | "
+            f"{e['memory_mb']:5.0f}MB {e['file_mb']:4.0f}MB")
+    lines += ["", f"tok/s, medians of {table[0]['rounds']} rounds; ratios against the peer on the same file in this run; "
+              f"% bw = weight bytes per decode step x steps/s / {table[0]['bandwidth_gbs']:.1f} GB/s measured now; "
+              "1st tok = process start to first token minus a bare import; memory = peak RSS minus a bare import; "
+              f"load average {os.getloadavg()[0]:.1f}"]
     return "\n".join(lines)
 
 
 def generate_bench(args) -> None:
-    models = args.models.split(",") if args.models else list(MODELS)
+    rows = args.rows.split(",") if args.rows else list(ROWS)
     contenders = args.contenders.split(",") if args.contenders else list(CONTENDERS)
-    for m in models:
-        if m not in MODELS:
-            raise UserError(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
-    for c in contenders:
-        if c not in HELP:
-            raise UserError(f"--contenders: unknown contender {c!r}; choose from {', '.join(HELP)}")
+    for name, given, known in (("--rows", rows, ROWS), ("--contenders", contenders, CONTENDERS)):
+        if unknown := [x for x in given if x not in known]:
+            raise UserError(f"{name}: unknown {unknown[0]!r}; choose from {', '.join(known)}")
+    if "llama.cpp" in contenders or "smollm2-q8_0" in rows:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise UserError("llama.cpp is the peer of this benchmark: pip install -e '.[bench]' (it compiles "
+                            "llama.cpp, about 5 minutes on 2 cores, once)") from None
     if args.quick:
-        args.rounds, args.new_tokens, args.prefill_tokens = 1, min(args.new_tokens, 12), min(args.prefill_tokens, 128)
-    if args.new_tokens < 2 or args.rounds < 1 or args.prefill_tokens < 1:
-        raise UserError("--new-tokens must be >= 2 and --rounds, --prefill-tokens >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads}: use 1 or more")
-        torch.set_num_threads(args.threads)
-    print(f"threads {torch.get_num_threads()} | cpus {os.cpu_count()} | rounds {args.rounds} | "
-          f"{args.new_tokens} new tokens | prefill {args.prefill_tokens}", file=sys.stderr)
-    rows = run_bench(models, contenders, args.rounds, args.new_tokens, args.prefill_tokens, args.batch)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows, args.batch))
+        args.rounds, args.new_tokens, args.batch_tokens = 1, 16, 8
+    table = run_bench(rows, contenders, args.rounds, args.new_tokens, args.batch_tokens)
+    print(json.dumps(table, indent=1) if args.json else format_table(table))
 
 
 def generate_bench_flags(p) -> None:
-    p.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
-    p.add_argument("--contenders", help=f"comma-separated subset of {','.join(HELP)} "
-                                        f"(default: {','.join(CONTENDERS)}); transformers is the reference")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported (default 3)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode measurement")
-    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill measurement")
-    p.add_argument("--batch", type=int, default=8, help="the batched decode measurement's batch size")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for every contender and the bandwidth probe (default: torch's, = cores)")
-    p.add_argument("--quick", action="store_true", help="1 round, 12 new tokens, 128-token prefill")
+    p.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
+    p.add_argument("--contenders", help=f"comma-separated subset of {','.join(CONTENDERS)} (default: all)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; medians are reported (default 2)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens per batch-1 decode (default 128)")
+    p.add_argument("--batch-tokens", type=int, default=32, help="tokens per row of the batch-8 decode (default 32)")
+    p.add_argument("--quick", action="store_true", help="1 round, 16 and 8 new tokens")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")

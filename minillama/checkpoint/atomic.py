@@ -1,4 +1,4 @@
-"""Writing without ever leaving half a file: every writer in minillama goes through these two helpers.
+"""Writing without ever leaving half a file: every writer in minillama goes through these helpers.
 
 A file or folder is written under a temporary name beside its target (the same file system, so the
 rename is atomic) and renamed into place when complete. A crash or Ctrl-C leaves the old version or the
@@ -14,14 +14,22 @@ from pathlib import Path
 
 def write_atomic(path, data: str | bytes) -> Path:
     """Write `data` to `path` through a temporary file renamed into place."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """`with atomic_file(path) as tmp:` write the file `tmp` (for writers that want a path, such as gguf's);
+    on success it replaces `path`; on an error it is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 @contextlib.contextmanager

@@ -41,11 +41,36 @@ def our_name(name: str, fmt: int) -> str | None:
     return top_names.get(name)
 
 
+def foreign_name(name: str, fmt: int) -> str | None:
+    """Ours -> the format's: 'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (GGUF);
+    None for a name the format has no place for."""
+    if name.startswith("model.layers."):
+        index, rest = name[len("model.layers."):].split(".", 1)
+        foreign = LAYER_NAMES.get(rest, (None, None))[fmt]
+        return f"{LAYER_PREFIX[fmt]}{index}.{foreign}" if foreign else None
+    return TOP_NAMES.get(name, (None, None))[fmt]
+
+
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder the output rows of a q or k projection from interleaved rotary pairs (x[2i], x[2i+1]), which
     Meta's complex-number RoPE uses and llama.cpp's convert_hf_to_gguf.py `permute` restores for the llama
     arch, to HF's rotate-half pairs (x[i], x[i + D/2]). The same as `permute` in transformers'
     convert_llama_weights_to_hf.py and the inverse of llama.cpp's. w (heads·D, ...) -> same shape."""
     D = w.shape[0] // n_heads
-    pairs = w.reshape(n_heads, D // 2, 2, *w.shape[1:])  # (heads, D/2, 2, ...): row 2i+j of a head at [i, j]
-    return pairs.transpose(1, 2).reshape(w.shape)  # (heads, 2, D/2, ...): j-th half first, then i
+    pairs = torch.arange(w.shape[0]).reshape(n_heads, D // 2, 2)  # (heads, D/2, 2): row 2i+j of a head at [i, j]
+    return _rows(w, pairs.transpose(1, 2).reshape(-1))  # (heads, 2, D/2): j-th half first, then i
+
+
+def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of interleaved_to_half: HF's rotate-half rows -> the interleaved pairs llama.cpp's llama
+    arch expects (what convert_hf_to_gguf.py's `permute` does when it writes a GGUF). w (heads·D, ...)."""
+    D = w.shape[0] // n_heads
+    halves = torch.arange(w.shape[0]).reshape(n_heads, 2, D // 2)  # (heads, 2, D/2): row j·D/2 + i at [j, i]
+    return _rows(w, halves.transpose(1, 2).reshape(-1))  # (heads, D/2, 2): pair i, then its two halves
+
+
+def _rows(w: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """w[order] along dim 0, rows copied whole as bytes by numpy (torch indexes 1-byte GGUF blocks ~1000x
+    slower, an element at a time)."""
+    rows = w.contiguous().reshape(w.shape[0], -1).view(torch.uint8).numpy()  # (rows, bytes per row)
+    return torch.from_numpy(rows[order.numpy()]).view(w.dtype).reshape(w.shape)

@@ -199,13 +199,13 @@ def eval_flags(p) -> None:
 
 
 def eval_command(args) -> None:
-    from minillama.checkpoint import load_model_and_tokenizer
+    from minillama.checkpoint.load import load_from_flags
 
     if args.context is not None:  # bad window arguments fail before the (slow) load
         check_window(args.context, args.stride or args.context)
     config = GenerationConfig(window=args.window, sink_tokens=args.sink_tokens)  # checks them the same way
     text = read_text(args)
-    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype, args.speed)
+    model, tokenizer = load_from_flags(args)
     context = args.context or min(model.config.max_seq_len, 1024)
     stride = args.stride or context
     r = evaluate_text(model, tokenizer, text, context, stride, args.max_tokens, progress=True,

@@ -103,11 +103,11 @@ def chat_flags(p) -> None:
 
 
 def chat_command(args) -> None:
-    from minillama.checkpoint import load_model_and_tokenizer
+    from minillama.checkpoint.load import load_from_flags
     from minillama.cli import from_fields
 
     config = from_fields(GenerationConfig, args)  # validated before the (slow) load
-    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype, args.speed)
+    model, tokenizer = load_from_flags(args)
     if args.once is None:
         chat_loop(model, tokenizer, config, args.system)
         return

@@ -150,7 +150,7 @@ def generate_flags(p) -> None:
 
 
 def generate_command(args) -> None:
-    from minillama.checkpoint import load_model_and_tokenizer
+    from minillama.checkpoint.load import load_from_flags
     from minillama.cli import from_fields
 
     prompts = [parse_prompt(p) for p in args.prompts or []]
@@ -161,7 +161,7 @@ def generate_command(args) -> None:
                         "drop --stream or give one prompt")
     config = from_fields(GenerationConfig, args)  # validated before the (slow) load
     only_ids = all(isinstance(p, list) for p in prompts)  # ids need no tokenizer
-    model, tokenizer = load_model_and_tokenizer(args.path, args.dtype, args.speed, tokenizer_required=not only_ids)
+    model, tokenizer = load_from_flags(args, tokenizer_required=not only_ids)
     if args.stream:
         timing = Timing()
         for piece in stream(model, tokenizer, prompts, config, timing):

@@ -227,19 +227,19 @@ class Llama(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def new_cache(self, batch_size: int, max_len: int, window: int | None = None, sink_tokens: int = 0):
-        """An empty KV cache for this model, on its device, in the dtype of its activations: a KVCache of
-        max_len slots, or with `window`, a SinkCache of sink_tokens + window slots whatever max_len."""
-        weight = self.model.embed_tokens.weight  # (a quantized head has no plain weight; the embedding does)
+        """An empty KV cache for this model, on its device, in the dtype of its activations (the norms'): a
+        KVCache of max_len slots, or with `window`, a SinkCache of sink_tokens + window slots whatever max_len."""
+        norm = self.model.norm.weight  # (matmul weights may be bf16 or quantized; the norms never are)
         if window is None:
-            return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
+            return KVCache(self.config, batch_size, max_len, norm.device, norm.dtype)
         if sink_tokens + window >= self.config.max_seq_len:  # the new token comes after them
             raise UserError(f"sink tokens ({sink_tokens}) + window ({window}) leave no room in the model's context "
                             f"of {self.config.max_seq_len} tokens: use a window below "
                             f"{self.config.max_seq_len - sink_tokens}")
-        return SinkCache(self.config, batch_size, sink_tokens, window, weight.device, weight.dtype)
+        return SinkCache(self.config, batch_size, sink_tokens, window, norm.device, norm.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):

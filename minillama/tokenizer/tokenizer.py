@@ -202,7 +202,8 @@ def _load_tokenizer_json(path: Path, config: dict) -> Tokenizer:
     except Exception as e:  # the Rust library raises plain Exception for every parse error
         raise UserError(f"{path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
     # the file's post-processor says which special token Hugging Face puts first, if any
-    first = _first_special_token(json.loads(backend.to_str()).get("post_processor") or {})
+    post = backend.post_processor  # its JSON alone, not the whole tokenizer's (50k merges as Python objects)
+    first = _first_special_token(json.loads(post.__getstate__()) if post is not None else {})
     return Tokenizer(backend, bos_token=config.get("bos_token", first), eos_token=config.get("eos_token"),
                      pad_token=config.get("pad_token"), unk_token=config.get("unk_token"),
                      add_bos=bool(config.get("add_bos_token", first is not None)),

@@ -116,11 +116,11 @@ PRE_TOKENIZERS = {
 IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
 
 
-def load_gguf(path: Path) -> Tokenizer:
+def load_gguf(path: Path, reader=None) -> Tokenizer:
     """The vocabulary llama.cpp keeps in a GGUF's metadata (read by checkpoint/gguf.py)."""
     from minillama.checkpoint.gguf import gguf_metadata
 
-    meta = gguf_metadata(path)
+    meta = gguf_metadata(path, reader)
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise UserError(f"{path}: this GGUF carries no tokenizer (no tokenizer.ggml.model / tokens)")
@@ -136,7 +136,7 @@ def load_gguf(path: Path) -> Tokenizer:
         if pre not in PRE_TOKENIZERS:
             raise UserError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; "
                             f"supported: {', '.join(PRE_TOKENIZERS)}")
-        backend = _byte_level_backend(tokens, types, meta.get("tokenizer.ggml.merges") or [], pre)
+        backend = byte_level_backend(tokens, types, meta.get("tokenizer.ggml.merges") or [], pre)
         default_ids = {}
     else:
         raise UserError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (supported: llama, gpt2)")
@@ -150,7 +150,7 @@ def load_gguf(path: Path) -> Tokenizer:
                      chat_template=meta.get("tokenizer.chat_template"))
 
 
-def _byte_level_backend(tokens: list[str], types: list[int], merges: list[str], pre: str):
+def byte_level_backend(tokens: list[str], types: list[int], merges: list[str], pre: str):
     """GPT-2 style BPE: text -> regex pieces -> UTF-8 bytes spelled as printable characters -> merges."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend

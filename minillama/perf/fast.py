@@ -1,0 +1,196 @@
+"""The default fast path: matmul modules that keep weights as they are stored, and `make_fast`, the
+transform every command applies after loading (unless --plain).
+
+Decoding reads every weight once per token, so its speed is the bytes of the weights / memory bandwidth:
+weights should be read in the smallest form they come in, and never copied to a wider one.
+  FastLinear    fp32 or bf16 weights (bf16 = half the bytes; fp32 activations, as llama.cpp does)
+  GGMLLinear    GGUF Q8_0 / Q4_0 / Q4_1 blocks straight from the file (1.06 / 0.56 / 0.63 bytes a weight)
+  GGMLEmbedding the token embedding as GGUF blocks: a lookup dequantizes only the rows it reads
+Up to kernels.MAX_ROWS rows of activations (decoding) they call the C++ kernels (kernels.py); more rows
+(prefill, evaluation) are a compute-bound GEMM, done by torch on weights dequantized for that call (bf16
+for Q4, whose weights are 4-bit anyway; fp32 for Q8_0, so that it stays equal to its fp32 reference).
+Activations, norms and the KV cache stay fp32. Each module's `weight` is its matrix dequantized to
+(out, in), for code that inspects it; it costs a full conversion.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillama.model.cache import KVCache
+from minillama.model.llama import Attention, DecoderLayer
+from minillama.perf import kernels
+
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per block of 32 weights
+PREFILL_DTYPE = {"q8_0": torch.float32, "q4_0": torch.bfloat16, "q4_1": torch.bfloat16}
+
+
+def dequantize(blocks, kind: str, dtype=torch.float32):
+    """GGUF blocks (N, K/32 · bytes) uint8 -> weights (N, K) in `dtype`; the formulas of kernels.py."""
+    N = blocks.shape[0]
+    b = blocks.reshape(N, -1, BLOCK_BYTES[kind])  # (N, K/32, bytes)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # (N, K/32, 1)
+    if kind == "q8_0":
+        q = b[..., 2:].contiguous().view(torch.int8).float()  # (N, K/32, 32)
+        w = q * d
+    else:
+        nibbles = b[..., 2:] if kind == "q4_0" else b[..., 4:]  # (N, K/32, 16)
+        q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).float()  # (N, K/32, 32): low nibbles first
+        w = (q - 8) * d if kind == "q4_0" else q * d + b[..., 2:4].contiguous().view(torch.float16).float()
+    return w.reshape(N, -1).to(dtype)  # (N, K)
+
+
+def quantize(weight, kind: str):
+    """Weights (N, K) -> GGUF blocks of `kind`, with the gguf package's reference quantizer."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    blocks = gguf_quantize(weight.detach().float().numpy(), GGMLQuantizationType[kind.upper()])
+    return torch.from_numpy(blocks)  # (N, K/32 · bytes) uint8
+
+
+class GGMLLinear(nn.Module):
+    """y = x · Wᵀ (+ bias) with W (N, K) kept as GGUF blocks (N, K/32 · bytes) of `kind`."""
+
+    def __init__(self, blocks, kind: str, in_features: int, bias=None):
+        super().__init__()
+        self.kind, self.in_features, self.out_features = kind, in_features, blocks.shape[0]
+        self.register_buffer("blocks", blocks)
+        self.bias = bias
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.shape[0] <= kernels.MAX_ROWS and kernels.available():
+            y = kernels.linear_rows(x2.float(), self.blocks, self.kind, self.out_features)  # (M, N)
+        else:
+            dtype = PREFILL_DTYPE[self.kind]
+            y = F.linear(x2.to(dtype), dequantize(self.blocks, self.kind, dtype))
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def weight(self):
+        return dequantize(self.blocks, self.kind)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} blocks"
+
+
+class GGMLEmbedding(nn.Module):
+    """The token embedding as GGUF blocks (V, C/32 · bytes); a tied LM head shares the same tensor."""
+
+    def __init__(self, blocks, kind: str, dim: int):
+        super().__init__()
+        self.kind, self.dim = kind, dim
+        self.register_buffer("blocks", blocks)
+
+    def forward(self, ids):
+        rows = self.blocks[ids.reshape(-1)]  # (B·T, C/32 · bytes): only the rows looked up
+        return dequantize(rows, self.kind).view(*ids.shape, self.dim)  # (B, T, C)
+
+    @property
+    def weight(self):
+        return dequantize(self.blocks, self.kind)
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear over fp32 or bf16 weights whose few-row calls go to the bandwidth-bound kernel; more rows
+    to torch's GEMM in the weights' dtype; the output has the activations' dtype."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FastLinear":
+        fast = cls.__new__(cls)
+        nn.Module.__init__(fast)
+        fast.in_features, fast.out_features = linear.in_features, linear.out_features
+        fast.weight, fast.bias = linear.weight, linear.bias  # the same Parameters: tying survives
+        return fast
+
+    def forward(self, x):
+        w = self.weight
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        kind = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(w.dtype)
+        usable = kind and x2.shape[0] <= kernels.MAX_ROWS and self.in_features % 32 == 0 and w.is_contiguous()
+        if usable and x.device.type == "cpu" and kernels.available():
+            y = kernels.linear_rows(x2.float(), w.detach(), kind, self.out_features).to(x.dtype)
+        else:
+            y = F.linear(x2.to(w.dtype), w).to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def raw(linear) -> tuple | None:
+    """(weights as the kernels read them, their kind) of a FastLinear or GGMLLinear, else None."""
+    if isinstance(linear, GGMLLinear):
+        return linear.blocks, linear.kind
+    if isinstance(linear, FastLinear) and linear.weight.dtype in (torch.float32, torch.bfloat16):
+        return linear.weight.detach(), "f32" if linear.weight.dtype == torch.float32 else "bf16"
+    return None
+
+
+class FastDecoderLayer(DecoderLayer):
+    """A DecoderLayer whose decode steps (one new token per row, up to kernels.MAX_ROWS rows, fp32) run as
+    three C++ calls around the cache write, instead of ~70 PyTorch ops whose dispatch costs more than
+    reading the layer's weights: attn_in (norm, q/k/v, rotary), attn_out (attention over the cache, o_proj,
+    residual), mlp (norm, SwiGLU, residual). Any other call is DecoderLayer.forward, the reference: among
+    them every position encoding placed at attention time (rope a Positions: ALiBi, ReRoPE, dynamic NTK,
+    a SinkCache), since attn_in rotates keys once, before the cache keeps them."""
+
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        attn, mlp = self.self_attn, self.mlp
+        B, T, C = x.shape
+        parts = [raw(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                  mlp.down_proj)]
+        fixed = isinstance(rope, tuple) and type(cache) is KVCache and (mask is None or mask.dtype == torch.bool)
+        if not fixed or T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32 or None in parts \
+                or type(attn) is not Attention or not kernels.available() or attn.o_proj.bias is not None \
+                or any(n % 32 for n in (C, attn.o_proj.in_features, mlp.down_proj.in_features)):
+            return super().forward(x, rope, mask, cache, layer)
+        cos, sin = rope  # (B, 1, 1, D) each
+        H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        ext = kernels.module()
+        x2 = x.reshape(B, C)  # (B, C): one token per row
+        bias = [m.bias if m.bias is not None else torch.empty(0) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        qkv = ext.attn_in(x2, self.input_layernorm.weight, self.input_layernorm.eps, [w for w, _ in parts[:3]],
+                          [kernels.KINDS[k] for _, k in parts[:3]], [H * D, K * D, K * D], bias,
+                          cos.reshape(B, D), sin.reshape(B, D))  # (B, (H + 2K)·D)
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=1)
+        k, v = cache.write(layer, k.reshape(B, K, 1, D), v.reshape(B, K, 1, D))  # (B, K, S, D)
+        keys = mask.reshape(B, -1) if mask is not None else torch.empty(0, dtype=torch.bool)  # (B, S)
+        x2 = ext.attn_out(x2, q.contiguous(), k, v, keys.contiguous(), parts[3][0], kernels.KINDS[parts[3][1]], H)
+        x2 = ext.mlp(x2, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
+                     [w for w, _ in parts[4:]], [kernels.KINDS[k] for _, k in parts[4:]], [mlp.gate_proj.out_features,
+                                                                                         mlp.up_proj.out_features, C])
+        return x2.view(B, 1, C)
+
+
+def make_fast(model: nn.Module) -> nn.Module:
+    """Every plain nn.Linear becomes a FastLinear over the same weights (fp32 or bf16), GGUF blocks are
+    already fast, and every decoder layer a FastDecoderLayer (the same module, its decode step fused).
+    Builds the kernels now, not in the middle of the first answer."""
+    if not kernels.available():
+        return model
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
+                setattr(module, name, FastLinear.from_linear(child))
+        if type(module) is DecoderLayer:
+            module.__class__ = FastDecoderLayer  # same parameters and names; only forward changes
+    return model
+
+
+def to_bf16_weights(model: nn.Module) -> nn.Module:
+    """Matmul weights (and a tied embedding) in bf16, half the bytes to read; norms, activations and the
+    KV cache stay fp32, and FastLinear widens the weights in registers."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data = module.weight.data.to(torch.bfloat16)  # .data: a tied head follows
+    return model
+
+
+def quantize_model(model: nn.Module, kind: str) -> nn.Module:
+    """Every nn.Linear as GGUF blocks of `kind` (q8_0, q4_0, q4_1), quantized here: `--quantize`."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.in_features % 32 == 0:
+                setattr(module, name, GGMLLinear(quantize(child.weight, kind), kind, child.in_features, child.bias))
+    return model

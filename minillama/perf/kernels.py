@@ -1,0 +1,301 @@
+"""The C++ decode kernels: matrix times a few rows of activations, at the machine's memory bandwidth.
+
+Decoding reads every weight once per step for 1..8 rows of activations, so its speed is bytes read /
+bandwidth. torch's CPU kernels fall short there (measured on 2 Zen 5 cores, numbers in perf/__init__.py):
+fp32 `F.linear` of one row streams weights at ~14 GB/s (MKL's single-threaded gemv),
+bf16 `F.linear` of one row is no faster than fp32 at these sizes, there is no matmul over GGUF's Q8_0
+blocks (one scale per 32 weights), and the int4 kernel is fast only with bf16 activations and a
+CPU-specific repacked copy of the weights. So, llama2.c's `matmul` loop, one output row per dot product,
+rows split between threads by at::parallel_for, 16 floats per SIMD step (GCC vector types: AVX-512 or
+AVX2, whatever the CPU has), each weight read once and used for every activation row (M <= 8), fp32
+accumulation:
+
+  rows_f32   weights fp32                        (M, K) x (N, K) -> (M, N)
+  rows_bf16  weights bf16, widened to fp32 in registers
+  rows_q8_0  GGUF Q8_0 blocks (34 bytes: fp16 d, 32 int8 q):            w = d·q
+  rows_q4_0  GGUF Q4_0 blocks (18 bytes: fp16 d, 16 bytes of nibbles):   w = d·(q − 8)
+  rows_q4_1  GGUF Q4_1 blocks (20 bytes: fp16 d, fp16 m, 16 bytes):      w = d·q + m
+  (llama.cpp's ggml-common.h; in a block, byte j's low nibble is weight j, its high nibble weight j + 16)
+
+The block kernels read the bytes as the .gguf file stores them (memory-mapped, never repacked) and are
+exact up to fp32 summation order against the dequantized weights. Built once with the system's C++
+compiler into the cache folder; `available()` is False when that fails, and callers fall back to torch.
+"""
+
+import sys
+
+import torch
+
+MAX_ROWS = 8  # activation rows the kernels take per call; more rows (prefill) go to torch's GEMM
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+#include <vector>
+#include <cmath>
+#include <algorithm>
+
+typedef float vf __attribute__((vector_size(64)));          // 16 floats: one AVX-512 register
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef int8_t vb __attribute__((vector_size(16)));
+typedef uint8_t vub __attribute__((vector_size(16)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+static inline float sum16(vf v) {  // a tree of adds, not a chain of 16
+  float s[16]; std::memcpy(s, &v, 64);
+  for (int w = 8; w > 0; w /= 2) for (int k = 0; k < w; k++) s[k] += s[k + w];
+  return s[0];
+}
+static inline float half(const uint8_t* p) { _Float16 h; std::memcpy(&h, p, 2); return (float)h; }
+static inline vf loadf(const float* p) { vf v; std::memcpy(&v, p, 64); return v; }
+static inline vf widen_i8(const uint8_t* p) { vb b; std::memcpy(&b, p, 16); return __builtin_convertvector(__builtin_convertvector(b, vi), vf); }
+static inline vf widen_u8(vub b) { return __builtin_convertvector(__builtin_convertvector(b, vi), vf); }
+static inline vf widen_bf16(const uint16_t* p) {  // bf16 is the top half of an fp32
+  vh h; std::memcpy(&h, p, 32); vu u = __builtin_convertvector(h, vu) << 16; vf f; std::memcpy(&f, &u, 64); return f;
+}
+
+enum Kind { F32, BF16, Q8_0, Q4_0, Q4_1 };
+
+// y[m * ldy + n] for rows n in [n0, n1) of one matrix: each weight row is decoded once and used for the M
+// activation rows. xs[m * nb + b] = sum of the 32 activations of block b (for the zero points of Q4_0 / Q4_1).
+template <int M, int KIND>
+static void rows(const float* x, const float* xs, const uint8_t* w, int64_t row_bytes, float* y, int64_t ldy,
+                 int64_t K, int64_t n0, int64_t n1) {
+  const int64_t nb = K / 32;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* r = w + n * row_bytes;
+    vf acc[M] = {};
+    float off[M] = {};
+    for (int64_t b = 0; b < nb; b++) {
+      vf w0, w1; float d = 1.f, zero = 0.f;
+      if (KIND == F32) { w0 = loadf((const float*)r + 32 * b); w1 = loadf((const float*)r + 32 * b + 16); }
+      if (KIND == BF16) { w0 = widen_bf16((const uint16_t*)r + 32 * b); w1 = widen_bf16((const uint16_t*)r + 32 * b + 16); }
+      if (KIND == Q8_0) { const uint8_t* k = r + 34 * b; d = half(k); w0 = widen_i8(k + 2); w1 = widen_i8(k + 18); }
+      if (KIND == Q4_0 || KIND == Q4_1) {
+        const uint8_t* k = r + (KIND == Q4_0 ? 18 : 20) * b;
+        d = half(k);
+        zero = KIND == Q4_0 ? -8.f * d : half(k + 2);
+        vub q; std::memcpy(&q, k + (KIND == Q4_0 ? 2 : 4), 16);
+        w0 = widen_u8(q & 15); w1 = widen_u8(q >> 4);
+      }
+      for (int m = 0; m < M; m++) {
+        const float* xp = x + m * K + 32 * b;
+        vf p = w0 * loadf(xp) + w1 * loadf(xp + 16);
+        if (KIND == F32 || KIND == BF16) acc[m] += p; else acc[m] += p * d;
+        if (KIND == Q4_0 || KIND == Q4_1) off[m] += zero * xs[m * nb + b];
+      }
+    }
+    for (int m = 0; m < M; m++) y[m * ldy + n] = sum16(acc[m]) + off[m];
+  }
+}
+
+template <int KIND>
+static void run(const float* x, const float* xs, const uint8_t* w, int64_t rb, float* y, int64_t ldy, int64_t M,
+                int64_t K, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: rows<1, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;  case 2: rows<2, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;
+    case 3: rows<3, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;  case 4: rows<4, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;
+    case 5: rows<5, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;  case 6: rows<6, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;
+    case 7: rows<7, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;  default: rows<8, KIND>(x, xs, w, rb, y, ldy, K, n0, n1);
+  }
+}
+
+struct Mat { const uint8_t* w; int64_t rb, N; int kind; };  // a matrix's raw rows, bytes per row, rows, format
+
+static Mat mat(const torch::Tensor& w, int64_t kind, int64_t N) {
+  TORCH_CHECK(w.is_contiguous(), "kernels: weights must be contiguous");
+  return {(const uint8_t*)w.data_ptr(), (int64_t)(w.numel() * w.element_size() / N), N, (int)kind};
+}
+
+// Y (M, ΣN) = X (M, K) times each matrix in turn, side by side: one parallel loop over all their rows.
+static void matmul(const float* X, int64_t M, int64_t K, const std::vector<Mat>& mats, float* Y) {
+  TORCH_CHECK(M >= 1 && M <= 8 && K % 32 == 0, "kernels: 1 to 8 rows of a multiple of 32 values");
+  std::vector<float> sums(M * (K / 32), 0.f);  // per-block sums of the activations, for zero points
+  for (int64_t i = 0; i < M * K; i++) sums[i / 32] += X[i];
+  std::vector<int64_t> start = {0};
+  for (const Mat& m : mats) start.push_back(start.back() + m.N);
+  const int64_t total = start.back();
+  // at least 32 rows per task, so small matrices do not pay for waking the second thread
+  at::parallel_for(0, total, 32, [&](int64_t n0, int64_t n1) {
+    for (size_t i = 0; i < mats.size(); i++) {
+      const int64_t lo = std::max(n0, start[i]) - start[i], hi = std::min(n1, start[i + 1]) - start[i];
+      if (lo >= hi) continue;
+      const Mat& m = mats[i]; float* y = Y + start[i];
+      switch (m.kind) {
+        case F32: run<F32>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi); break;
+        case BF16: run<BF16>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi); break;
+        case Q8_0: run<Q8_0>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi); break;
+        case Q4_0: run<Q4_0>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi); break;
+        default: run<Q4_1>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi);
+      }
+    }
+  });
+}
+
+// x (M, K) fp32 with M <= 8 and K % 32 == 0; w (N, row bytes) the raw rows -> (M, N) fp32
+torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, int64_t kind, int64_t N) {
+  TORCH_CHECK(x.is_contiguous(), "linear_rows: x must be contiguous");
+  auto y = torch::empty({x.size(0), N}, x.options());
+  matmul(x.data_ptr<float>(), x.size(0), x.size(1), {mat(w, kind, N)}, y.data_ptr<float>());
+  return y;
+}
+
+// ---- one decoder layer's decode step in three calls (perf/fast.py FastDecoderLayer; model/llama.py is the
+// reference): attn_in (norm, q/k/v, rotary), then the cache write in Python, attn_out (attention, o_proj,
+// residual), mlp (norm, SwiGLU, residual). Rows m = one token of batch row m (T = 1).
+
+static void rms_norm(const float* x, const float* w, float eps, int64_t M, int64_t C, float* out) {
+  for (int64_t m = 0; m < M; m++) {
+    double ss = 0; for (int64_t c = 0; c < C; c++) ss += (double)x[m * C + c] * x[m * C + c];
+    const float r = 1.f / std::sqrt((float)(ss / C) + eps);
+    for (int64_t c = 0; c < C; c++) out[m * C + c] = w[c] * (x[m * C + c] * r);
+  }
+}
+
+static std::vector<Mat> mats(const std::vector<torch::Tensor>& w, const std::vector<int64_t>& kind,
+                             const std::vector<int64_t>& N) {
+  std::vector<Mat> out;
+  for (size_t i = 0; i < w.size(); i++) out.push_back(mat(w[i], kind[i], N[i]));
+  return out;
+}
+
+// -> (M, Nq + 2 Nk): q, k, v of the normed x, biases added, q and k rotated (rotate-half pairs; cos/sin (M, D))
+torch::Tensor attn_in(torch::Tensor x, torch::Tensor norm, double eps, std::vector<torch::Tensor> w,
+                      std::vector<int64_t> kind, std::vector<int64_t> N, std::vector<torch::Tensor> bias,
+                      torch::Tensor cos, torch::Tensor sin) {
+  const int64_t M = x.size(0), C = x.size(1), D = cos.size(1), Nq = N[0], Nk = N[1], W = Nq + 2 * Nk;
+  auto h = torch::empty_like(x);
+  rms_norm(x.data_ptr<float>(), norm.data_ptr<float>(), (float)eps, M, C, h.data_ptr<float>());
+  auto y = torch::empty({M, W}, x.options());
+  float* Y = y.data_ptr<float>();
+  matmul(h.data_ptr<float>(), M, C, mats(w, kind, N), Y);
+  const int64_t offsets[3] = {0, Nq, Nq + Nk};
+  for (int i = 0; i < 3; i++)
+    if (bias[i].defined() && bias[i].numel())
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N[i]; n++) Y[m * W + offsets[i] + n] += bias[i].data_ptr<float>()[n];
+  const float* cs = cos.data_ptr<float>(); const float* sn = sin.data_ptr<float>();
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t head = 0; head < (Nq + Nk) / D; head++) {
+      float* v = Y + m * W + head * D;
+      for (int64_t i = 0; i < D / 2; i++) {
+        const float a = v[i], b = v[i + D / 2];
+        v[i] = a * cs[m * D + i] - b * sn[m * D + i];
+        v[i + D / 2] = b * cs[m * D + i + D / 2] + a * sn[m * D + i + D / 2];
+      }
+    }
+  return y;
+}
+
+// x + o_proj(softmax(q·kᵀ/sqrt(D) masked)·v): q (M, H·D) with M = B; k, v (B, K, S, D) any strides;
+// mask (B, S) bool (true = may attend) or empty = all
+torch::Tensor attn_out(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask,
+                       torch::Tensor wo, int64_t kind, int64_t H) {
+  const int64_t B = k.size(0), K = k.size(1), S = k.size(2), D = k.size(3), C = x.size(1), G = H / K;
+  auto att = torch::empty({B, H * D}, x.options());
+  const float* Q = q.data_ptr<float>(); const float* Kp = k.data_ptr<float>(); const float* Vp = v.data_ptr<float>();
+  float* A = att.data_ptr<float>();
+  const bool* mk = mask.defined() && mask.numel() ? mask.data_ptr<bool>() : nullptr;
+  const float scale = 1.f / std::sqrt((float)D);
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / H, h = i % H, g = h / G;
+      const float* qv = Q + b * q.stride(0) + h * D;
+      const float* kb = Kp + b * k.stride(0) + g * k.stride(1);
+      const float* vb = Vp + b * v.stride(0) + g * v.stride(1);
+      float peak = -INFINITY;
+      for (int64_t j = 0; j < S; j++) {
+        if (mk && !mk[b * S + j]) { p[j] = -INFINITY; continue; }
+        float dot = 0; const float* kv = kb + j * k.stride(2);
+        for (int64_t d = 0; d < D; d++) dot += qv[d] * kv[d];
+        p[j] = dot * scale; peak = std::max(peak, p[j]);
+      }
+      float total = 0;
+      for (int64_t j = 0; j < S; j++) { p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - peak); total += p[j]; }
+      float* out = A + b * H * D + h * D;
+      for (int64_t d = 0; d < D; d++) out[d] = 0;
+      for (int64_t j = 0; j < S; j++) {
+        if (p[j] == 0) continue;
+        const float wj = p[j] / total; const float* vv = vb + j * v.stride(2);
+        for (int64_t d = 0; d < D; d++) out[d] += wj * vv[d];
+      }
+    }
+  });
+  auto y = torch::empty({B, C}, x.options());
+  matmul(A, B, H * D, {mat(wo, kind, C)}, y.data_ptr<float>());
+  return y.add_(x);
+}
+
+// x + down(silu(gate(h)) · up(h)), h = rms_norm(x)
+torch::Tensor mlp(torch::Tensor x, torch::Tensor norm, double eps, std::vector<torch::Tensor> w,
+                  std::vector<int64_t> kind, std::vector<int64_t> N) {
+  const int64_t M = x.size(0), C = x.size(1), F = N[0];
+  auto h = torch::empty_like(x);
+  rms_norm(x.data_ptr<float>(), norm.data_ptr<float>(), (float)eps, M, C, h.data_ptr<float>());
+  auto gu = torch::empty({M, 2 * F}, x.options());
+  float* GU = gu.data_ptr<float>();
+  matmul(h.data_ptr<float>(), M, C, {mat(w[0], kind[0], F), mat(w[1], kind[1], F)}, GU);
+  auto a = torch::empty({M, F}, x.options());
+  float* Ap = a.data_ptr<float>();
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t f = 0; f < F; f++) { const float g = GU[m * 2 * F + f]; Ap[m * F + f] = g / (1.f + std::exp(-g)) * GU[m * 2 * F + F + f]; }
+  auto y = torch::empty({M, C}, x.options());
+  matmul(Ap, M, F, {mat(w[2], kind[2], C)}, y.data_ptr<float>());
+  return y.add_(x);
+}
+"""
+
+KINDS = {"f32": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
+_module = None  # the built extension, or False when it could not be built
+
+
+def _build():
+    global _module
+    if _module is None:
+        import hashlib
+        import importlib.util
+
+        from minillama.data.assets import cache_dir
+
+        source = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
+        folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{source}"
+        folder.mkdir(parents=True, exist_ok=True)
+        built = folder / "minillama_kernels.so"
+        try:
+            if built.exists():  # import it directly: cpp_extension and its ninja check cost ~0.3 s
+                spec = importlib.util.spec_from_file_location("minillama_kernels", built)
+                _module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(_module)
+            else:
+                from torch.utils.cpp_extension import load_inline
+
+                print(f"building the decode kernels with the C++ compiler (once, cached in {folder}) ...",
+                      file=sys.stderr)
+                _module = load_inline("minillama_kernels", cpp_sources=SOURCE,
+                                      functions=["linear_rows", "attn_in", "attn_out", "mlp"],
+                                      build_directory=str(folder), extra_cflags=["-O3", "-march=native"])
+        except (RuntimeError, OSError, ImportError) as e:  # no compiler, or it failed
+            print(f"note: could not build the decode kernels ({str(e).splitlines()[0][:120]}); using torch's "
+                  "slower paths. Install g++ for the fast ones.", file=sys.stderr)
+            _module = False
+    return _module
+
+
+def module():
+    """The built extension: linear_rows, and attn_in / attn_out / mlp for perf/fast.py's decoder layer."""
+    return _build()
+
+
+def available() -> bool:
+    """Whether the kernels are built (building them now if they were not)."""
+    return bool(_build())
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, kind: str, out_features: int) -> torch.Tensor:
+    """x (M, K) fp32, M <= 8 -> x · Wᵀ (M, N), W held as `kind` (f32, bf16, q8_0, q4_0, q4_1) in the raw
+    rows `weight` (N, row bytes or elements). A plain call into the extension: wrapping it as a
+    torch.library custom op (for torch.compile) costs ~70 MB of imports on its first call."""
+    return _build().linear_rows(x.contiguous(), weight, KINDS[kind], out_features)
