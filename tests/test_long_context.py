@@ -6,7 +6,7 @@ import random
 
 from minillama.cli import main
 from minillama.lab import passkey
-from minillama.lab.long_context import QUICK, T
+from minillama.lab.long_context import QUICK
 
 
 def test_passkey_prompt_is_the_standard_one():
@@ -37,4 +37,4 @@ def test_lab_long_context_quick_runs_end_to_end(tmp_path, capsys):
     for method in ("PI", "NTK", "dynamic NTK", "YaRN", "leaky ReRoPE"):
         assert abs(ppl[method]["1"] - ppl["none"]["1"]) < 1e-3 * ppl["none"]["1"], method
     assert all(0 <= acc <= 1 for row in results["passkey"].values() for acc in row.values())
-    assert results["T"] == T
+    assert results["plan"]["T"] == QUICK.T

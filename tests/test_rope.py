@@ -114,9 +114,10 @@ def test_old_rope_scaling_spelling_and_bad_types_are_read():
     assert BASE.replace(rope_scaling={"type": "linear", "factor": 2.0}).rope_scaling.factor == 2.0  # our JSON
 
 
-def cached_steps(model, ids, mask, prefill):
-    """Logits of every step after the prefill, decoding one token at a time through a KV cache."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1])
+def cached_steps(model, ids, mask, prefill, **sinks):
+    """Logits of every step after the prefill, decoding one token at a time through a KV cache (a SinkCache
+    given window= and sink_tokens=)."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1], **sinks)
     steps = [model(ids[:, :prefill], mask[:, :prefill], cache)[:, -1]]
     for t in range(prefill, ids.shape[1] - 1):
         steps.append(model(ids[:, t:t + 1], mask[:, t:t + 1], cache)[:, -1])
@@ -171,3 +172,44 @@ def test_transformers_dynamic_ntk_cache_disagrees_where_ours_agrees(tmp_path):
         assert (ours(ids[:, :p + 1])[:, p] - ours(ids)[:, p]).abs().max() <= 1e-5
     early = TRAINED - prefill - 1  # within the trained length the base never moved: all agree
     assert (their_steps[early] - our_steps[early]).abs().max() <= 1e-4
+
+
+# ---- the default fast path (perf/fast.py) with every position encoding ----
+
+FIXED = ("none", "linear", "yarn", "yarn-deepseek", "llama3", "ntk", "truncation")  # keys cached rotated
+
+
+@pytest.mark.parametrize("name", ["none", *HF_METHODS, *OURS_ONLY, "alibi", "sinks"])
+def test_fast_model_decodes_as_the_plain_one(name, monkeypatch):
+    """make_fast's FastDecoderLayer rotates keys in C++ before the cache keeps them: right for fixed
+    rotations in a KVCache, so its decode steps must run fused there and fall back to the reference for
+    every encoding placed at attention time (dynamic NTK, longrope, ReRoPE, ALiBi, a SinkCache)."""
+    from minillama.config import GenerationConfig
+    from minillama.infer.generate import generate_ids
+    from minillama.perf import fast
+
+    scaling = {**HF_METHODS, **OURS_ONLY}.get(name)
+    plain = model_with(None, position_encoding="alibi") if name == "alibi" else model_with(scaling)
+    quick = fast.make_fast(model_with(None, position_encoding="alibi") if name == "alibi" else model_with(scaling))
+    assert all(type(layer) is fast.FastDecoderLayer for layer in quick.model.layers)
+    reference = []  # the number of new tokens of each call that fell back to DecoderLayer.forward
+    forward = fast.DecoderLayer.forward
+    monkeypatch.setattr(fast.DecoderLayer, "forward", lambda self, x, *a: reference.append(x.shape[1])
+                        or forward(self, x, *a))
+    sinks = dict(window=16, sink_tokens=4) if name == "sinks" else {}
+    config = GenerationConfig(max_new_tokens=24, temperature=0, ignore_eos=True, **sinks)
+    prompts = [torch.randint(1, BASE.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (TRAINED - 6, TRAINED - 13)]  # left-padded; decoding crosses the trained length
+    steps = {}
+    for label, model in (("quick", quick), ("plain", plain)):
+        reference.clear()
+        steps[label] = list(generate_ids(model, prompts, config))
+        if label == "quick":
+            assert (1 in reference) == (name not in FIXED), reference  # decode steps fused only when right
+    assert steps["quick"] == steps["plain"]
+    ids = torch.randint(1, BASE.vocab_size, (2, TRAINED + 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():  # logits of every decode step, left padding included
+        fused, reference_steps = (torch.stack(cached_steps(m, ids, mask, TRAINED - 8, **sinks)) for m in (quick, plain))
+        assert (fused - reference_steps).abs().max() <= 1e-4
