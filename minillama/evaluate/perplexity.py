@@ -176,7 +176,10 @@ def read_text(args) -> str:
 
 
 def eval_flags(p) -> None:
+    import dataclasses
+
     from minillama.checkpoint.load import model_flags
+    from minillama.cli import add_fields
 
     p.description = "Perplexity by sliding windows; every token scored exactly once."
     model_flags(p)
@@ -190,11 +193,10 @@ def eval_flags(p) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts, <= context (default: context, disjoint windows)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
-    p.add_argument("--window", type=int, default=None, metavar="W",
-                   help="read the text as one stream through a bounded cache (StreamingLLM): each token sees the "
-                        "sink tokens and the last W tokens; --context/--stride do not apply")
-    p.add_argument("--sink-tokens", type=int, default=4, metavar="N",
-                   help="with --window: the first N tokens, which the cache always keeps (default 4)")
+    # --window and --sink-tokens, as generate has them (a bounded StreamingLLM cache): the text is then read
+    # as one stream through it, and --context/--stride do not apply
+    add_fields(p, GenerationConfig, skip=tuple(f.name for f in dataclasses.fields(GenerationConfig)
+                                               if f.name not in ("window", "sink_tokens")))
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
