@@ -25,6 +25,7 @@ COMMANDS = {
     "params": ("model.calc", "params_flags", "params_command", "count parameters, memory and FLOPs of a model"),
     "generate": ("infer.stream", "generate_flags", "generate_command", "complete prompts with a model"),
     "chat": ("infer.chat", "chat_flags", "chat_command", "talk to a chat model in the terminal"),
+    "serve": ("serve.app", "serve_flags", "serve_command", "an OpenAI-compatible server and a chat page"),
     "eval": ("evaluate.perplexity", "eval_flags", "eval_command", "perplexity and bits per byte of a model on a text"),
     "verify": ("evaluate.verify", "verify_flags", "verify_command", "do two checkpoints agree? logits, layers, KL"),
     "ngram": ("evaluate.ngram", "ngram_flags", "ngram_command", "n-gram baseline perplexity on a run's token shards"),

@@ -46,7 +46,26 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 adds a bias to q/k/v (not to o)
     sliding_window: int | None = None  # Mistral / Qwen2: each token sees at most this many keys
-    model_type: str = "llama"  # llama | mistral | qwen2: the HF family written to config.json
+    model_type: str = "llama"  # a key of FAMILIES: the HF family written to config.json
+    # Mixture of experts (model/moe.py; Mixtral, Qwen2-MoE, DeepSeek-V2): n_experts 0 = a dense MLP everywhere
+    n_experts: int = 0  # E: expert MLPs per MoE layer
+    experts_per_token: int = 2  # k: the router sends each token to its k most probable experts
+    expert_dim: int | None = None  # each expert's SwiGLU width; None = ffn_dim (Mixtral)
+    norm_topk_prob: bool = True  # rescale the k chosen probabilities to sum to 1 (Mixtral); Qwen2-MoE: False
+    routed_scale: float = 1.0  # DeepSeek's routed_scaling_factor: multiplies the experts' weights
+    shared_expert_dim: int | None = None  # an expert every token goes through, this wide (Qwen2-MoE, DeepSeek)
+    shared_expert_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(w · x)
+    first_dense_layers: int = 0  # DeepSeek's first_k_dense_replace: the first layers keep a dense MLP
+    # training only: the load-balancing loss's weight (0.01: Switch Transformer, arXiv:2101.03961, sec. 2.2)
+    # and the router z-loss's (ST-MoE, arXiv:2202.08906, eq. 5; 0 = off)
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    # Multi-head latent attention (model/mla.py; DeepSeek-V2): kv_lora_rank None = standard attention
+    kv_lora_rank: int | None = None  # R: the compressed key/value latent, what the cache keeps per token
+    q_lora_rank: int | None = None  # queries through a low-rank bottleneck this wide; None = one q_proj
+    qk_rope_head_dim: int = 64  # Dr: the rotary part of a query/key head (the key's is shared by all heads)
+    qk_nope_head_dim: int = 128  # Dn: the part of a query/key head without position
+    v_head_dim: int = 128  # Dv
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -76,6 +95,27 @@ class ModelConfig:
             self.rope_scaling.check(self)
         if self.model_type not in FAMILIES:
             raise UserError(f"config field model_type={self.model_type!r}: use one of {', '.join(FAMILIES)}")
+        self._check_experts_and_latents()
+
+    def _check_experts_and_latents(self):
+        if self.n_experts < 0 or self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            raise UserError(f"config fields n_experts={self.n_experts}, experts_per_token={self.experts_per_token}: "
+                            "need 0 experts (dense), or 1 <= experts_per_token <= n_experts")
+        if not 0 <= self.first_dense_layers <= self.n_layers:
+            raise UserError(f"config field first_dense_layers={self.first_dense_layers} must be in 0..n_layers")
+        if self.kv_lora_rank is None:
+            return
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise UserError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.qk_rope_head_dim % 2 or self.n_kv_heads != self.n_heads or self.sliding_window is not None:
+            raise UserError("latent attention (kv_lora_rank) needs an even qk_rope_head_dim, n_kv_heads = n_heads "
+                            "(its keys come from one shared latent) and no sliding_window")
+        s = self.rope_scaling.type if self.rope_scaling else None
+        if self.position_encoding != "rope" or s not in (None, "linear", "ntk", "llama3", "truncation"):
+            raise UserError("latent attention (kv_lora_rank) caches rotated rope keys: plain, linear, ntk, llama3 or "
+                            f"truncation RoPE only, not {self.position_encoding} / {s} (no DeepSeek YaRN)")
 
     @property
     def head_dim(self) -> int:  # D
@@ -90,6 +130,19 @@ class ModelConfig:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of a head that rotate: all of it, or MLA's rotary part."""
+        return self.head_dim if self.kv_lora_rank is None else self.qk_rope_head_dim
+
+    @property
+    def moe_dim(self) -> int:
+        """An expert's SwiGLU width."""
+        return self.expert_dim or self.ffn_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer >= self.first_dense_layers
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -148,16 +201,17 @@ class RopeScaling:
         if self.window is not None and not 0 < self.window:
             raise UserError(f"rope_scaling.window must be a positive number of tokens, got {self.window!r}")
         for name in ("short_factor", "long_factor"):
-            if getattr(self, name) is not None and len(getattr(self, name)) != config.head_dim // 2:
-                raise UserError(f"rope_scaling.{name} has {len(getattr(self, name))} numbers; head_dim "
-                                f"{config.head_dim} needs {config.head_dim // 2}")
+            if getattr(self, name) is not None and len(getattr(self, name)) != config.rope_dim // 2:
+                raise UserError(f"rope_scaling.{name} needs {config.rope_dim // 2} numbers, one per rotary pair")
 
     def original(self, config: "ModelConfig") -> int:
         """The length the model was trained on."""
         return self.original_max_seq_len or config.max_seq_len
 
 
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+            "deepseek_v2": "DeepseekV2ForCausalLM"}
 
 # llama2.c's TinyStories models tie the classifier to the embedding and use Llama 2's 32k vocabulary
 _STORIES = dict(vocab_size=32000, tie_embeddings=True, multiple_of=32)
@@ -180,6 +234,25 @@ PRESETS = {
                               qkv_bias=True, model_type="qwen2", bos_token_id=151643, eos_token_id=151643),
     "tiny": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                         max_seq_len=128),
+    # mixtures of experts (model/moe.py), from the models' config.json files
+    "mixtral-8x7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, n_experts=8,
+                                rope_theta=1e6, max_seq_len=32768, model_type="mixtral", router_aux_loss_coef=0.02),
+    "qwen2-moe-a2.7b": ModelConfig(vocab_size=151936, dim=2048, n_layers=24, n_heads=16, hidden_dim=5632,
+                                   n_experts=60, experts_per_token=4, expert_dim=1408, norm_topk_prob=False,
+                                   shared_expert_dim=5632, shared_expert_gate=True, norm_eps=1e-6, rope_theta=1e6,
+                                   max_seq_len=8192, qkv_bias=True, model_type="qwen2_moe", router_aux_loss_coef=0.001,
+                                   bos_token_id=151643, eos_token_id=151643),
+    # latent attention and 64 experts; its YaRN context extension (x40 past 4,096) is not modelled here
+    "deepseek-v2-lite": ModelConfig(vocab_size=102400, dim=2048, n_layers=27, n_heads=16, hidden_dim=10944,
+                                    n_experts=64, experts_per_token=6, expert_dim=1408, norm_topk_prob=False,
+                                    shared_expert_dim=2 * 1408, first_dense_layers=1, kv_lora_rank=512,
+                                    norm_eps=1e-6, max_seq_len=4096, model_type="deepseek_v2",
+                                    router_aux_loss_coef=0.001, bos_token_id=100000, eos_token_id=100001),
+    "tiny-moe": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                            n_experts=4, max_seq_len=128, model_type="mixtral"),
+    "tiny-mla": ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128, kv_lora_rank=32,
+                            qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_seq_len=128,
+                            model_type="deepseek_v2"),
 }
 
 
@@ -303,3 +376,24 @@ class GenerationConfig:
                 raise UserError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if any(s == "" for s in self.stop_strings):
             raise UserError("stop strings must not be empty")
+
+
+# ---- serving ----
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `minillama serve` takes besides the model."""
+    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = option(8000, "port to listen on")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/ (default $MINILLAMA_API_KEY)")
+    model_name: str | None = option(None, "the model id clients send and /v1/models lists (default: the file name)")
+    max_tokens: int = option(1024, "answer length for a request without max_tokens (the context caps it)")
+    kv_cache_mb: float = option(1024.0, "memory of the paged KV cache that all requests share, MB")
+    max_running: int = option(32, "requests generating at once; more wait in the queue")
+    max_queue: int = option(64, "requests waiting at most; more are answered 429")
+    max_body_kb: int = option(1024, "largest request body, KB; larger are answered 413")
+
+    def __post_init__(self):
+        for name in ("port", "max_tokens", "kv_cache_mb", "max_running", "max_queue", "max_body_kb"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")

@@ -5,6 +5,7 @@ same GGUF is the independent reference; loading it costs ~15 s, so every file sh
 """
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +57,16 @@ def gguf_vocab(vocab_dir):
         return loaded[name]
 
     return load
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: two OpenMP threads wait on each other whenever another
+    process holds a core (a 40 ms step becomes seconds); one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -83,3 +83,34 @@ def test_config_file_and_folder(tmp_path, capsys):
     assert main(["params", str(tmp_path / "config.json"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"]["total"] == from_folder
     assert from_folder == count_params(preset("stories15M"))["total"]
+
+
+# mixtures of experts: total and active parameters against the model cards (Mixtral: "46.7B total, 12.9B
+# active"; Qwen1.5-MoE-A2.7B: "14.3B, 2.7B activated"; DeepSeek-V2-Lite: "15.7B, 2.4B activated", a count
+# without the 0.21B input embedding)
+MOE = {"mixtral-8x7b": (46_702_792_704, 12_879_925_248), "qwen2-moe-a2.7b": (14_315_784_192, 2_689_173_504),
+       "deepseek-v2-lite": (15_706_484_224, 2_661_150_208)}
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_total_and_active_parameters(name, capsys):
+    counts = count_params(preset(name))
+    assert (counts["total"], counts["active"]) == MOE[name]
+    assert main(["params", name]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["total", f"{MOE[name][0]:,}"] in lines and ["active", f"{MOE[name][1]:,}", "per", "token:", "k", "of",
+                                                        "the", "experts"] in lines
+
+
+def test_moe_flops_count_the_active_experts_only():
+    config = preset("mixtral-8x7b")
+    dense_equivalent = config.replace(n_experts=0)  # the same model with one expert's MLP
+    sparse, dense = flops_per_token(config, 4096), flops_per_token(dense_equivalent, 4096)
+    one_expert = 32 * 3 * 4096 * 14336  # a token visits two: one more expert's matmuls, plus the router
+    assert sparse - dense == 6 * (one_expert + 32 * 4096 * 8)
+
+
+def test_latent_attention_cache_is_latent_plus_rope_key():
+    mem = memory_estimate(preset("deepseek-v2-lite"), batch_size=1, seq_len=4096, dtype="bf16")["inference"]
+    assert mem["kv_cache_per_token"] == 27 * (512 + 64) * 2  # 27 layers, bf16: 30.4 KiB
+    assert mem["kv_cache_per_token_mha"] == 2 * 27 * 16 * 128 * 2  # 16 heads of 128: 7.1x more

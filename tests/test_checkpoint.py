@@ -29,6 +29,19 @@ HF_CONFIGS = {
                                                    use_sliding_window=False),
     "mistral-window": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=4,
                                                          tie_word_embeddings=False),
+    # mixtures of experts (model/moe.py) and latent attention (model/mla.py)
+    "mixtral": lambda: transformers.MixtralConfig(**TINY, num_key_value_heads=2, num_local_experts=4,
+                                                  num_experts_per_tok=2, tie_word_embeddings=False),
+    "qwen2-moe-shared": lambda: transformers.Qwen2MoeConfig(
+        **TINY, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, norm_topk_prob=False, tie_word_embeddings=False),
+    "deepseek-v2-mla-moe": lambda: transformers.DeepseekV2Config(
+        **TINY, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
+        n_routed_experts=4, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=2,
+        first_k_dense_replace=1, routed_scaling_factor=1.5, tie_word_embeddings=False),
+    "deepseek-v2-mla-dense": lambda: transformers.DeepseekV2Config(
+        **TINY, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
+        first_k_dense_replace=2, num_experts_per_tok=2, tie_word_embeddings=True),
 }
 
 

@@ -25,6 +25,10 @@ CONFIGS = {
                             max_seq_len=64, tie_embeddings=True),
     "qwen2-window": ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
                                 max_seq_len=64, qkv_bias=True, sliding_window=6, model_type="qwen2"),
+    "moe": ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64,
+                       n_experts=4, model_type="mixtral"),
+    "mla": ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_seq_len=64, kv_lora_rank=16,
+                       qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, model_type="deepseek_v2"),
 }
 GREEDY = GenerationConfig(max_new_tokens=12, temperature=0)
 

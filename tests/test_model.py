@@ -9,7 +9,7 @@ import torch
 
 from minillama.checkpoint.hf import config_from_hf, config_to_hf
 from minillama.config import PRESETS, ModelConfig, RopeScaling, UserError, preset
-from minillama.model import KVCache, Llama, LlamaForSequenceClassification
+from minillama.model import Llama, LlamaForSequenceClassification
 from minillama.model.rope import rope_tables
 
 CONFIGS = {
@@ -19,6 +19,15 @@ CONFIGS = {
                             max_seq_len=64, tie_embeddings=True),
     "qwen2-window": ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
                                 max_seq_len=64, qkv_bias=True, sliding_window=5, model_type="qwen2"),
+    # model/moe.py and model/mla.py: experts with a gated shared expert; latent attention over a dense layer
+    # and an MoE layer (its decode steps take the absorbed form, a full forward the plain one)
+    "moe-shared": ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
+                              max_seq_len=64, n_experts=4, expert_dim=16, norm_topk_prob=False,
+                              shared_expert_dim=24, shared_expert_gate=True, qkv_bias=True, model_type="qwen2_moe"),
+    "mla-moe": ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_seq_len=64,
+                           kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6,
+                           n_experts=4, experts_per_token=3, expert_dim=16, first_dense_layers=1,
+                           routed_scale=1.5, norm_topk_prob=False, model_type="deepseek_v2"),
 }
 
 
@@ -73,7 +82,7 @@ def test_cache_token_by_token_equals_full_forward(name):
     ids, mask = left_padded([10, 6], model.config.vocab_size)
     with torch.no_grad():
         full = model(ids, mask)
-        cache = KVCache(model.config, batch_size=2, max_len=16)
+        cache = model.new_cache(batch_size=2, max_len=16)
         # prefill a chunk, then one token at a time, as generation does
         steps = [model(ids[:, :5], mask[:, :5], cache)]
         for t in range(5, ids.shape[1]):

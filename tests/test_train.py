@@ -21,14 +21,7 @@ from minillama.train.trainer import Trainer, bf16_supported, lr_at
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: two OpenMP threads wait on each other whenever another
-    process holds a core (a 40 ms step becomes seconds); one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def losses(run, key="loss"):
@@ -305,3 +298,42 @@ def test_fsdp_runs_equals_one_process_and_resumes(shakespeare):
     assert load_model(root / "fsdp" / "final").config.vocab_size == 512
     torchrun(small(root, "fsdp", max_steps=3, eval_every=2), 2, "--fsdp", "--resume")  # sharded optimizer state
     assert losses(root / "fsdp") == pytest.approx(losses(root / "fsdp_ref"), abs=1e-4)
+
+
+# ---- a mixture of experts (model/moe.py): the same trainer, the router losses added ----
+
+
+def test_moe_trains_from_the_cli_and_resumes_exactly(shakespeare):
+    root = shakespeare[0]
+    kw = dict(preset="tiny-moe", max_steps=8, eval_every=4, save_every=4, warmup_steps=2)
+    c = small(root, "moe_whole", **kw)
+    argv = ["train", "--corpus", "shakespeare", "--out", c.out, "--tokenizer", c.tokenizer, "--data-dir", c.data_dir]
+    for name in ("preset", "seq_len", "batch_size", "lr", "warmup_steps", "max_steps", "eval_every", "eval_steps",
+                 "save_every"):
+        argv += ["--" + name.replace("_", "-"), str(getattr(c, name))]
+    assert main(argv) == 0
+    whole = losses(root / "moe_whole")
+    assert whole[8] < whole[1] - 0.5  # it learns
+
+    def stop_after_4(trainer, entry):
+        if entry["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small(root, "moe_parts", **kw), on_step=stop_after_4)
+    train(small(root, "moe_parts", **kw, resume=True))
+    assert losses(root / "moe_parts") == whole  # exactly
+    assert losses(root / "moe_parts", "val_loss") == losses(root / "moe_whole", "val_loss")
+    from minillama.checkpoint import load_model
+
+    assert load_model(root / "moe_parts" / "final").config.n_experts == 4
+
+
+def test_moe_two_processes_equal_one(shakespeare):
+    """DDP: every expert gets a gradient in every step (idle ones zeros), so no parameter goes unreduced."""
+    root = shakespeare[0]
+    kw = dict(preset="tiny-moe", max_steps=3, eval_every=3, micro_batch_size=4)
+    train(small(root, "moe_one", **kw))
+    torchrun(small(root, "moe_two", **kw))
+    assert losses(root / "moe_two") == pytest.approx(losses(root / "moe_one"), abs=1e-4)
+    assert losses(root / "moe_two", "val_loss") == pytest.approx(losses(root / "moe_one", "val_loss"), abs=1e-4)

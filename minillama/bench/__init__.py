@@ -7,6 +7,10 @@ BENCHMARKS = {
               "training tokens/s against transformers' LlamaForCausalLM on the same weights"),
     "generate": ("minillama.bench.generate", "generate_bench_flags", "generate_bench",
                  "decode/prefill tok/s against transformers on the same weights"),
+    "moe": ("minillama.bench.moe", "moe_bench_flags", "moe_bench",
+            "mixture-of-experts forward and decode against transformers' Mixtral on the same weights"),
+    "serve": ("minillama.bench.serve", "serve_bench_flags", "serve_bench",
+              "streaming clients (1, 8, 32) against llama-cpp-python's OpenAI server on the same GGUF"),
 }
 
 

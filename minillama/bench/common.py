@@ -1,12 +1,25 @@
 """What every benchmark shares: the reference implementations (imported only here, from the optional
-`bench` extra), and a meter of how busy the machine was with other processes during a measurement."""
+`bench` extra), a meter of how busy the machine was with other processes during a measurement, and a
+process's peak memory."""
 
 import os
+import resource
 import time
 
 from minillama.config import UserError
 
 EXTRA = "pip install -e '.[bench]'"
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory since it started its program (VmHWM). Not getrusage's
+    ru_maxrss: Linux carries that across fork and exec, so every process the bench starts would report
+    at least the bench's own size."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def import_transformers():

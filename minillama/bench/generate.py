@@ -83,8 +83,14 @@ def weight_bytes(path: Path) -> int:
 
 # ---- one contender, one file: its processes ----
 
+# `python -m minillama ...` that also reports its peak memory on stderr when it exits
+MINILLAMA = ("import atexit, sys\nfrom minillama.bench.common import peak_memory_mb\n"
+             "atexit.register(lambda: print(f'peak memory {peak_memory_mb():.1f} MB', file=sys.stderr))\n"
+             "from minillama.cli import main\nsys.exit(main(sys.argv[1:]))")
+
+
 def run_minillama(path: Path, job: dict) -> dict:
-    base = [sys.executable, "-m", "minillama", "generate", str(path), "--temperature", "0", "--ignore-eos"]
+    base = [sys.executable, "-c", MINILLAMA, "generate", str(path), "--temperature", "0", "--ignore-eos"]
     ids = lambda prompt: ["--prompt-ids", ",".join(map(str, prompt))]  # noqa: E731
     t0 = time.time()
     with tempfile.TemporaryFile() as err:
@@ -93,8 +99,7 @@ def run_minillama(path: Path, job: dict) -> dict:
         process.stdout.read(1)  # the first streamed piece: the first token exists
         first = time.time() - t0
         process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)  # reaped here, for its peak memory
-        process.returncode = os.waitstatus_to_exitcode(status)
+        process.wait()
         err.seek(0)
         log = err.read().decode()
     if process.returncode:
@@ -104,7 +109,8 @@ def run_minillama(path: Path, job: dict) -> dict:
                                                 ["--max-new-tokens", str(job["batch_tokens"]), "--json"]).splitlines()]
     prefill = json.loads(_run(base + ids(job["prefill"]) + ["--max-new-tokens", "1", "--json"]))
     return {"decode_b1": decode_b1, "decode_b8": rows[0]["decode_tokens_per_s"],
-            "prefill": prefill["prefill_tokens_per_s"], "first_token_s": first, "peak_rss_mb": usage.ru_maxrss / 1024}
+            "prefill": prefill["prefill_tokens_per_s"], "first_token_s": first,
+            "peak_rss_mb": float(re.search(r"peak memory ([\d.]+) MB", log).group(1))}
 
 
 def _run(cmd: list[str]) -> str:
@@ -125,10 +131,10 @@ def run_peer(peer: str, path: Path, job: dict) -> dict:
 def bare_import(contender: str) -> tuple[float, float]:
     """(seconds, peak MB) of a process that only imports the contender: subtracted from its runs."""
     module = {"minillama": "torch, minillama", "llama.cpp": "llama_cpp", "transformers": "torch, transformers"}
-    code = f"import resource, {module[contender]}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    code = f"import {module[contender]}; from minillama.bench.common import peak_memory_mb; print(peak_memory_mb())"
     start = time.time()
-    rss = float(_run([sys.executable, "-c", code]))
-    return time.time() - start, rss / 1024
+    peak = float(_run([sys.executable, "-c", code]))
+    return time.time() - start, peak
 
 
 # ---- the run ----

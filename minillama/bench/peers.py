@@ -12,9 +12,23 @@ the process's peak memory. The prompts come as JSON on stdin: {"b1": [ids], "b8"
 
 import argparse
 import json
-import resource
 import sys
 import time
+
+from minillama.bench.common import peak_memory_mb
+
+
+def measure(generate, job: dict, t0: float) -> dict:
+    """The job's three measurements with a peer's `generate(prompts, new_tokens) -> (prefill seconds,
+    decode seconds after the first token, time.time() of the first token)`."""
+    n = job["new_tokens"]
+    _, seconds, first = generate([job["b1"]], n)
+    result = {"decode_b1": (n - 1) / seconds, "first_token_s": first - t0}
+    _, seconds, _ = generate(job["b8"], job["batch_tokens"])
+    result["decode_b8"] = 8 * (job["batch_tokens"] - 1) / seconds
+    prefill, _, _ = generate([job["prefill"]], 1)
+    result["prefill"] = len(job["prefill"]) / prefill
+    return result
 
 
 def llama_cpp_run(path: str, job: dict, t0: float) -> dict:
@@ -63,14 +77,7 @@ def llama_cpp_run(path: str, job: dict, t0: float) -> dict:
             position += 1
         return prefill, time.perf_counter() - start, first
 
-    n = job["new_tokens"]
-    _, seconds, first = generate([job["b1"]], n)
-    result = {"decode_b1": (n - 1) / seconds, "first_token_s": first - t0}
-    _, seconds, _ = generate(job["b8"], job["batch_tokens"])
-    result["decode_b8"] = 8 * (job["batch_tokens"] - 1) / seconds
-    prefill, _, _ = generate([job["prefill"]], 1)
-    result["prefill"] = len(job["prefill"]) / prefill
-    return result
+    return measure(generate, job, t0)
 
 
 def transformers_run(path: str, job: dict, t0: float) -> dict:
@@ -97,14 +104,7 @@ def transformers_run(path: str, job: dict, t0: float) -> dict:
                            logits_processor=transformers.LogitsProcessorList([Stamp()]))
         return stamps[0][0] - start, stamps[-1][0] - stamps[0][0], stamps[0][1]
 
-    n = job["new_tokens"]
-    _, seconds, first = generate([job["b1"]], n)
-    result = {"decode_b1": (n - 1) / seconds, "first_token_s": first - t0}
-    _, seconds, _ = generate(job["b8"], job["batch_tokens"])
-    result["decode_b8"] = 8 * (job["batch_tokens"] - 1) / seconds
-    prefill, _, _ = generate([job["prefill"]], 1)
-    result["prefill"] = len(job["prefill"]) / prefill
-    return result
+    return measure(generate, job, t0)
 
 
 def main() -> None:
@@ -115,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     run = llama_cpp_run if args.peer == "llama.cpp" else transformers_run
     result = run(args.file, json.loads(sys.stdin.read()), args.t0)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_memory_mb()
     print(json.dumps(result))
 
 

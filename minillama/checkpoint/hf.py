@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from minillama.checkpoint.atomic import atomic_folder
+from minillama.checkpoint.names import from_hf_name, to_hf_name
 from minillama.config import FAMILIES, ROPE_TYPES, ModelConfig, RopeScaling, UserError
 
 # ---- config.json <-> ModelConfig ----
@@ -54,9 +55,50 @@ def config_to_hf(config: ModelConfig) -> dict:
             raise UserError("Qwen2 always has q/k/v biases; set qkv_bias=True or use model_type llama")
         d |= {"use_sliding_window": config.sliding_window is not None,
               "sliding_window": config.sliding_window, "max_window_layers": 0}
-    elif config.model_type == "mistral":
+    elif config.model_type in ("mistral", "mixtral"):
         d["sliding_window"] = config.sliding_window
+    d |= _experts_to_hf(config) | _latent_to_hf(config)
+    back = config_from_hf(d)  # what transformers will build from this file: it must be this model
+    lost = [f"{name}={getattr(config, name)!r}" for name in _SPARSE_FIELDS
+            if getattr(back, name) != getattr(config, name)]
+    if lost:
+        raise UserError(f"a {config.model_type} config.json cannot express {', '.join(lost)}; "
+                        f"choose the model_type of a family that has them ({', '.join(FAMILIES)})")
     return d
+
+
+# the fields only some families can express; config_to_hf checks that they survive the trip
+_SPARSE_FIELDS = ("n_experts", "experts_per_token", "moe_dim", "norm_topk_prob", "routed_scale", "shared_expert_dim",
+                  "shared_expert_gate", "first_dense_layers", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                  "qk_nope_head_dim", "v_head_dim", "qkv_bias")
+
+
+def _experts_to_hf(c: ModelConfig) -> dict:
+    """Mixture-of-experts keys of config.json, per family."""
+    losses = {"router_aux_loss_coef": c.router_aux_loss_coef, "router_z_loss_coef": c.router_z_loss_coef}
+    if c.model_type == "mixtral":
+        return losses | {"num_local_experts": c.n_experts, "num_experts_per_tok": c.experts_per_token,
+                         "router_jitter_noise": 0.0}  # the experts are intermediate_size = ffn_dim wide
+    if c.model_type == "qwen2_moe":
+        return losses | {
+            "num_experts": c.n_experts, "num_experts_per_tok": c.experts_per_token, "moe_intermediate_size": c.moe_dim,
+            "shared_expert_intermediate_size": c.shared_expert_dim or 0, "norm_topk_prob": c.norm_topk_prob,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": c.qkv_bias, "use_sliding_window": False}
+    if c.model_type == "deepseek_v2":  # all layers dense: the first n_layers are (first_k_dense_replace)
+        return losses | {
+            "n_routed_experts": c.n_experts, "num_experts_per_tok": c.experts_per_token,
+            "moe_intermediate_size": c.moe_dim, "n_shared_experts": (c.shared_expert_dim or 0) // c.moe_dim,
+            "first_k_dense_replace": c.first_dense_layers if c.n_experts else c.n_layers,
+            "routed_scaling_factor": c.routed_scale, "topk_method": "greedy", "norm_topk_prob": c.norm_topk_prob}
+    return {}
+
+
+def _latent_to_hf(c: ModelConfig) -> dict:
+    if c.model_type != "deepseek_v2":
+        return {}
+    return {"kv_lora_rank": c.kv_lora_rank, "q_lora_rank": c.q_lora_rank, "qk_rope_head_dim": c.qk_rope_head_dim,
+            "qk_nope_head_dim": c.qk_nope_head_dim, "v_head_dim": c.v_head_dim, "head_dim": c.qk_rope_head_dim,
+            "attention_bias": False, "mlp_bias": False}
 
 
 def _json_ids(ids):
@@ -117,26 +159,66 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         raise UserError(f"{source}: attention_bias/mlp_bias on a llama model is not supported")
     n_heads = d["num_attention_heads"]
     head_dim = d.get("head_dim")
-    if head_dim is not None and head_dim * n_heads != d["hidden_size"]:
+    if head_dim is not None and head_dim * n_heads != d["hidden_size"] and model_type != "deepseek_v2":
         raise UserError(f"{source}: head_dim {head_dim} x {n_heads} heads != hidden_size {d['hidden_size']}")
     rope = d.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
     theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling, max_len = rope_scaling_from_hf(d, source)
     window = d.get("sliding_window")
-    if model_type == "qwen2" and not d.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen2_moe") and not d.get("use_sliding_window", False):
         window = None
     try:
         return ModelConfig(
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=d.get("num_key_value_heads") or n_heads, hidden_dim=d.get("intermediate_size"),
+            n_kv_heads=n_heads if model_type == "deepseek_v2" else d.get("num_key_value_heads") or n_heads,
+            hidden_dim=d.get("intermediate_size"),
             norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
             position_encoding=d.get("position_encoding", "rope"), max_seq_len=max_len,
             tie_embeddings=d.get("tie_word_embeddings", model_type == "qwen2"),
-            qkv_bias=model_type == "qwen2", sliding_window=window, model_type=model_type,
+            qkv_bias=model_type == "qwen2" or model_type == "qwen2_moe" and d.get("qkv_bias", True),
+            sliding_window=window, model_type=model_type,
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"))
+            pad_token_id=d.get("pad_token_id"), **_experts_from_hf(d, model_type, source), **_latent_from_hf(d))
     except UserError as e:  # e.g. heads that do not divide: name the file
         raise e.naming(source) from None
+
+
+def _experts_from_hf(d: dict, model_type: str, source: str) -> dict:
+    """ModelConfig's mixture-of-experts fields from a config.json of a MoE family."""
+    losses = {"router_aux_loss_coef": d.get("router_aux_loss_coef", d.get("aux_loss_alpha", 0.001)),
+              "router_z_loss_coef": d.get("router_z_loss_coef", 0.0)}
+    if model_type == "mixtral":
+        return losses | {"n_experts": d.get("num_local_experts", 8),
+                         "experts_per_token": d.get("num_experts_per_tok", 2)}
+    if model_type == "qwen2_moe" and d.get("num_experts", 60):
+        if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
+            raise UserError(f"{source}: Qwen2-MoE with dense layers among the sparse ones (decoder_sparse_step, "
+                            "mlp_only_layers) is not supported")
+        return losses | {"n_experts": d.get("num_experts", 60), "experts_per_token": d.get("num_experts_per_tok", 4),
+                         "expert_dim": d.get("moe_intermediate_size", 1408),
+                         "norm_topk_prob": d.get("norm_topk_prob", False),
+                         "shared_expert_dim": d.get("shared_expert_intermediate_size") or None,
+                         "shared_expert_gate": True}
+    first_dense, n_routed = d.get("first_k_dense_replace", 0), d.get("n_routed_experts", 64)
+    if model_type != "deepseek_v2" or first_dense >= d["num_hidden_layers"] or not n_routed:
+        return {}
+    if d.get("topk_method", "greedy") not in ("greedy", None) or d.get("moe_layer_freq", 1) != 1:
+        raise UserError(f"{source}: DeepSeek routing other than greedy top-k in every layer (topk_method "
+                        f"{d.get('topk_method')!r}, moe_layer_freq) is not supported")
+    moe_dim = d.get("moe_intermediate_size", 1407)
+    return losses | {"n_experts": n_routed, "experts_per_token": d.get("num_experts_per_tok") or 1,
+                     "expert_dim": moe_dim, "norm_topk_prob": False,
+                     "routed_scale": float(d.get("routed_scaling_factor", 1.0)),
+                     "shared_expert_dim": moe_dim * d.get("n_shared_experts", 2) or None,
+                     "first_dense_layers": first_dense}
+
+
+def _latent_from_hf(d: dict) -> dict:
+    if d.get("model_type") != "deepseek_v2":
+        return {}
+    return {"kv_lora_rank": d.get("kv_lora_rank", 512), "q_lora_rank": d.get("q_lora_rank", 1536),
+            "qk_rope_head_dim": d.get("qk_rope_head_dim", 64), "qk_nope_head_dim": d.get("qk_nope_head_dim", 128),
+            "v_head_dim": d.get("v_head_dim", 128)}
 
 
 def read_config(path) -> ModelConfig:
@@ -167,8 +249,10 @@ def read_config(path) -> ModelConfig:
 
 def read_folder(folder: Path, convert):
     """(ModelConfig, {name: tensor}) of a Hugging Face folder, each tensor passed through `convert` as read."""
-    tensors = {k: v for file in _hf_weight_files(folder) for k, v in _read_weight_file(file, convert).items()}
-    return read_config(folder), tensors
+    config = read_config(folder)
+    tensors = {from_hf_name(k, config.model_type): v
+               for file in _hf_weight_files(folder) for k, v in _read_weight_file(file, convert).items()}
+    return config, tensors
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
@@ -243,7 +327,8 @@ def write_model_files(model, folder: Path, tokenizer=None, max_shard_size: int =
 def _write_weights(model, folder: Path, max_shard_size: int) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger."""
     from safetensors.torch import save_file
-    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    family = model.config.model_type
+    state = {to_hf_name(name, family): t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     if model.config.tie_embeddings:
         del state["lm_head.weight"]  # the same tensor as the embedding; HF leaves it out too
     shards, size = [{}], 0

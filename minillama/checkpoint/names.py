@@ -1,5 +1,6 @@
 """Tensor names: ours (= Hugging Face's), Meta's and llama.cpp's (GGUF), mapped in this one place, and the
-q/k row order that Meta and llama.cpp use for rotary pairs."""
+q/k row order that Meta and llama.cpp use for rotary pairs. Two Hugging Face families name their experts
+differently from the rest; their folders are mapped here too."""
 
 import torch
 
@@ -74,3 +75,27 @@ def _rows(w: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     slower, an element at a time)."""
     rows = w.contiguous().reshape(w.shape[0], -1).view(torch.uint8).numpy()  # (rows, bytes per row)
     return torch.from_numpy(rows[order.numpy()]).view(w.dtype).reshape(w.shape)
+
+
+# Our experts are named as Qwen2-MoE's (mlp.gate, mlp.experts.N.gate_proj, mlp.shared_expert). Mixtral's files
+# call the block block_sparse_moe and the projections w1 (gate), w3 (up), w2 (down); DeepSeek's call the
+# shared expert shared_experts. transformers renames them on load as well (its conversion_mapping.py).
+HF_RENAMES = {
+    "mixtral": [(".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."),
+                (".w2.", ".down_proj.")],
+    "deepseek_v2": [(".mlp.shared_experts.", ".mlp.shared_expert.")],
+}
+
+
+def from_hf_name(name: str, model_type: str) -> str:
+    """A tensor name in a Hugging Face folder of this family -> ours."""
+    for theirs, ours in HF_RENAMES.get(model_type, []):
+        name = name.replace(theirs, ours)
+    return name
+
+
+def to_hf_name(name: str, model_type: str) -> str:
+    """Our tensor name -> the one a Hugging Face folder of this family uses."""
+    for theirs, ours in reversed(HF_RENAMES.get(model_type, [])):
+        name = name.replace(ours, theirs)
+    return name

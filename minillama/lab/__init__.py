@@ -14,6 +14,17 @@ from minillama.config import UserError
 
 # name: (module under minillama.lab, what it shows); `minillama lab` lists them
 EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "experts": ("experts", "dense vs mixture of experts at equal active parameters; routing with and without "
+                           "the balance loss"),
+    "attention": ("attention", "MHA, GQA, MQA and latent attention: KV-cache bytes, decode speed, quality"),
+    "temperature": ("temperature", "p^(1/T): the notes' cheese/mouse example exactly, then SmolLM2's next token"),
+    "entropy-perplexity": ("entropy_perplexity", "perplexity = 2^(bits/token): n-grams 1-5 vs a small Llama"),
+    "tokenizers": ("tokenizers", "BPE vs unigram, English and Chinese: tokens per byte, byte fallback, bits per byte"),
+    "norms": ("norms", "pre vs post vs sandwich norm, RMSNorm vs LayerNorm: curves, a no-warmup high lr, timing"),
+    "attention-scale": ("attention_scale", "with and without 1/√D: softmax saturation, entropy at init, training"),
+    "padding": ("padding", "left vs right padding in batched generation; the causal mask built by broadcasting"),
+    "memory": ("memory", "Llama-2-13B's 13,015,864,320 term by term; predicted vs measured training memory"),
+    "attention-maps": ("attention_maps", "SmolLM2's heads on 'The animal didn't cross the street because it ...'"),
     "long-context": ("long_context", "RoPE scaling, ReRoPE and ALiBi past the training length: perplexity, passkey"),
 }
 

@@ -9,8 +9,9 @@ Its whole API, used by the model and the generator; nothing else touches its fie
     advance(new)                   after all layers ran: the new tokens are now past
     keep_rows(index)               drop finished rows of a batch
     reset()                        empty it for reuse
-and, read-only, `length`, `max_len`, `device`, `past_mask()`, `next_positions` and `moves_positions`.
-Another layout is another class with this API: SinkCache below keeps the first tokens and a rolling window.
+and, read-only, `length`, `max_len`, `device`, `nbytes`, `past_mask()`, `next_positions` and
+`moves_positions`. Another layout (paged blocks, model/mla.py's latents) is another class with this API:
+SinkCache below keeps the first tokens and a rolling window.
 """
 
 import torch
@@ -25,19 +26,35 @@ class KVCache:
     moves_positions = False  # a token keeps its position: keys may be cached rotated
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)  # (B, K, S_max, D)
-        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self._k, self._v = self._allocate(config, batch_size, max_len, device, dtype)
         self._mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S_max) real tokens
         self._positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) next rotary position
         self._length = 0
         self.max_len = max_len
         self.device = torch.device(device) if device is not None else self._mask.device
 
+    def _allocate(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        """The buffers of every layer, batch first: keys and values, (B, K, S_max, D) each."""
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)  # (B, K, S_max, D)
+        return ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+                [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)])
+
+    def _new_slots(self, T: int) -> slice:
+        """The slots the T new tokens take, after the past ones."""
+        start = self._length
+        if start + T > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {start} + {T} do not fit")
+        return slice(start, start + T)
+
     @property
     def length(self) -> int:
         """Slots filled so far (padding included), the same for every row."""
         return self._length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers of all layers hold (allocated for max_len tokens)."""
+        return sum(t.nbytes for t in self._k + self._v)
 
     @property
     def next_positions(self):
@@ -50,12 +67,10 @@ class KVCache:
 
     def write(self, layer: int, k, v):
         """Store the new tokens' k, v (B, K, T, D) of `layer` after the past ones; return all (B, K, S, D)."""
-        start, T = self._length, k.shape[2]
-        if start + T > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} tokens; {start} + {T} do not fit")
-        self._k[layer][:, :, start:start + T] = k
-        self._v[layer][:, :, start:start + T] = v
-        return self._k[layer][:, :, :start + T], self._v[layer][:, :, :start + T]
+        slots = self._new_slots(k.shape[2])
+        self._k[layer][:, :, slots] = k
+        self._v[layer][:, :, slots] = v
+        return self._k[layer][:, :, :slots.stop], self._v[layer][:, :, :slots.stop]
 
     def advance(self, new):
         """The T new tokens (new (B, T) bool: real, not padding) join the past, once every layer wrote them."""
@@ -105,6 +120,11 @@ class SinkCache:
     @property
     def length(self) -> int:
         return self._mask.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers of all layers hold now (at most sink_tokens + window slots between steps)."""
+        return sum(t.nbytes for t in self._k + self._v)
 
     @property
     def next_positions(self):

@@ -16,25 +16,49 @@ ACT_DTYPES = ("fp32", "bf16", "fp16")  # what --dtype may choose for the KV cach
 
 
 def count_params(config: ModelConfig) -> dict:
-    """Parameters per group (embedding, attention, mlp, norms, head, total); a tied head adds 0."""
-    C, F, L, V = config.dim, config.ffn_dim, config.n_layers, config.vocab_size
-    q_out, kv_out = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim  # H·D, K·D
-    attention = C * q_out + 2 * C * kv_out + q_out * C  # q, k, v, o projections
-    if config.qkv_bias:  # Qwen2: a bias on q, k and v, none on o
-        attention += q_out + 2 * kv_out
+    """Parameters per group (embedding, attention, mlp, norms, head, total); a tied head adds 0. A mixture
+    of experts adds `active`: the parameters one token goes through (k of the E experts)."""
+    C, L, V = config.dim, config.n_layers, config.vocab_size
+    sparse = sum(config.is_moe_layer(i) for i in range(L))
     counts = {
         "embedding": V * C,
-        "attention": L * attention,
-        "mlp": L * 3 * C * F,  # SwiGLU: gate, up (C -> F) and down (F -> C)
+        "attention": L * attention_params(config),
+        "mlp": (L - sparse) * 3 * C * config.ffn_dim + sparse * moe_params(config, config.n_experts),
         "norms": (2 * L + 1) * C,  # input_layernorm + post_attention_layernorm per layer, then model.norm
         "head": 0 if config.tie_embeddings else V * C,
     }
     counts["total"] = sum(counts.values())
+    if config.n_experts:
+        idle = moe_params(config, config.n_experts) - moe_params(config, config.experts_per_token)
+        counts["active"] = counts["total"] - sparse * idle
     return counts
 
 
+def attention_params(config: ModelConfig) -> int:
+    """One layer's attention: q, k, v, o projections; or latent attention's down/up projections and norms."""
+    C, H = config.dim, config.n_heads
+    if config.kv_lora_rank is None:
+        q_out, kv_out = H * config.head_dim, config.n_kv_heads * config.head_dim  # H·D, K·D
+        bias = q_out + 2 * kv_out if config.qkv_bias else 0  # Qwen2: a bias on q, k and v, none on o
+        return C * q_out + 2 * C * kv_out + q_out * C + bias
+    R, Rq, Dn, Dr, Dv = (config.kv_lora_rank, config.q_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                         config.v_head_dim)
+    q = C * H * (Dn + Dr) if Rq is None else C * Rq + Rq + Rq * H * (Dn + Dr)  # q_proj, or q_a + norm + q_b
+    kv = C * (R + Dr) + R + R * H * (Dn + Dv)  # kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
+    return q + kv + H * Dv * C  # + o_proj
+
+
+def moe_params(config: ModelConfig, experts: int) -> int:
+    """A mixture-of-experts block with `experts` experts: router, the experts, the shared expert and its gate."""
+    C, S = config.dim, config.shared_expert_dim or 0
+    return C * config.n_experts + experts * 3 * C * config.moe_dim + 3 * C * S + (C if config.shared_expert_gate else 0)
+
+
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: str = "bf16") -> float:
-    """One token's keys and values in every layer: 2 · n_layers · n_kv_heads · head_dim · bytes."""
+    """One token's keys and values in every layer: 2 · n_layers · n_kv_heads · head_dim · bytes; latent
+    attention keeps the latent and the rope key instead: n_layers · (kv_lora_rank + qk_rope_head_dim) · bytes."""
+    if config.kv_lora_rank is not None:
+        return config.n_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * BYTES[dtype]
     return 2 * config.n_layers * config.n_kv_heads * config.head_dim * BYTES[dtype]
 
 
@@ -52,8 +76,11 @@ def activation_bytes(config: ModelConfig, batch_size: int, seq_len: int, dtype: 
     plus logits B·T·V in fp32 (the loss upcasts). A fused attention kernel (flash / SDPA) does not keep
     the H·T' probabilities, so this is an upper bound for it. Norm statistics (B·T per norm) are left out.
     """
-    B, T, C, F = batch_size, seq_len, config.dim, config.ffn_dim
-    H, K, D, L, V = config.n_heads, config.n_kv_heads, config.head_dim, config.n_layers, config.vocab_size
+    B, T, C, V = batch_size, seq_len, config.dim, config.vocab_size
+    H, K, D, L = config.n_heads, config.n_kv_heads, config.head_dim, config.n_layers
+    # a token of a mixture of experts keeps k experts' (and the shared expert's) activations, approximately
+    F = config.ffn_dim if not config.n_experts else \
+        config.experts_per_token * config.moe_dim + (config.shared_expert_dim or 0)
     window = min(T, config.sliding_window or T)
     per_token = L * (6 * C + 2 * K * D + 4 * F + H * window) + C
     return math.ceil(B * T * per_token * BYTES[dtype]) + B * T * V * BYTES["fp32"]
@@ -70,7 +97,9 @@ def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: s
     if batch_size <= 0 or seq_len <= 0:
         raise UserError(f"batch size and sequence length must be positive, got {batch_size} and {seq_len}")
     n = count_params(config)["total"]
-    mha = config.replace(n_kv_heads=config.n_heads)  # the same model without key/value sharing
+    # the same model with a key and a value per head, head_dim = dim / n_heads wide (for latent attention
+    # the comparison of the DeepSeek-V2 paper, table 1: 2·n_h·d_h·l against (d_c + d_h^R)·l)
+    mha = config.replace(n_kv_heads=config.n_heads, kv_lora_rank=None)
     kv_token = kv_cache_bytes_per_token(config, dtype)
     kv_token_mha = kv_cache_bytes_per_token(mha, dtype)
     inference = {
@@ -96,12 +125,14 @@ def memory_estimate(config: ModelConfig, batch_size: int, seq_len: int, dtype: s
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward: 6·N + 12·L·C·T (PaLM, arXiv:2204.02311, appendix B).
 
-    N counts the weights that take part in a matmul: attention, MLP and the output head (which a tied
-    model still multiplies by). The embedding is a lookup and norms are elementwise, so they are left out.
+    N counts the weights that take part in a matmul: attention, MLP (of a mixture of experts, the k experts
+    a token visits) and the output head (which a tied model still multiplies by). The embedding is a
+    lookup and norms are elementwise, so they are left out.
     The attention term uses the keys a query sees: min(T, sliding_window).
     """
     p = count_params(config)
-    n_matmul = p["attention"] + p["mlp"] + config.vocab_size * config.dim
+    idle = p["total"] - p.get("active", p["total"])  # experts a token does not visit cost it nothing
+    n_matmul = p["attention"] + p["mlp"] - idle + config.vocab_size * config.dim
     window = min(seq_len, config.sliding_window or seq_len)
     return 6 * n_matmul + 12 * config.n_layers * config.dim * window
 
@@ -151,12 +182,15 @@ def _table(title: str, rows: list[tuple[str, str, str]], name_width: int = 0) ->
 def format_report(label: str, config: ModelConfig, params: dict, memory: dict, flops: float) -> str:
     c, inf, tr = config, memory["inference"], memory["training"]
     kv_dtype, ctx = inf["kv_cache_dtype"], c.max_seq_len
-    head = f"{label}: {c.n_layers} layers, dim {c.dim}, {c.n_heads} heads ({c.n_kv_heads} kv), " \
-           f"ffn {c.ffn_dim}, vocab {c.vocab_size:,}, context {ctx:,}"
-    param_rows = [(k, f"{v:,}", "(tied to embedding)" if k == "head" and c.tie_embeddings else "")
-                  for k, v in params.items()]
+    heads = f"{c.n_heads} heads (latent kv {c.kv_lora_rank} + rope {c.qk_rope_head_dim})" if c.kv_lora_rank \
+        else f"{c.n_heads} heads ({c.n_kv_heads} kv)"
+    ffn = f"{c.n_experts} experts of {c.moe_dim}, {c.experts_per_token} per token" if c.n_experts \
+        else f"ffn {c.ffn_dim}"
+    head = f"{label}: {c.n_layers} layers, dim {c.dim}, {heads}, {ffn}, vocab {c.vocab_size:,}, context {ctx:,}"
+    notes = {"head": "(tied to embedding)" if c.tie_embeddings else "", "active": "per token: k of the experts"}
+    param_rows = [(k, f"{v:,}", notes.get(k, "")) for k, v in params.items()]
     saving = inf["kv_cache_context_mha"] / inf["kv_cache_context"]
-    kind = "MHA" if c.n_kv_heads == c.n_heads else ("MQA" if c.n_kv_heads == 1 else "GQA")
+    kind = "MLA" if c.kv_lora_rank else "MHA" if c.n_kv_heads == c.n_heads else "MQA" if c.n_kv_heads == 1 else "GQA"
     kv_note = "" if kind == "MHA" else \
         f"{kind} saves {saving:.0f}x: MHA would need {human_bytes(inf['kv_cache_context_mha'])}"
     inference_rows = [(f"weights {k}", human_bytes(v), "") for k, v in inf["weights"].items()]

@@ -5,6 +5,8 @@ K key/value heads, G = H // K query heads per kv head, D head dim, F SwiGLU widt
 
 Module names mirror Hugging Face's LlamaForCausalLM (model.embed_tokens, model.layers[i].self_attn.q_proj,
 mlp.gate_proj, input_layernorm, model.norm, lm_head), so a checkpoint's keys load without a mapping.
+A mixture of experts (moe.py) or DeepSeek's latent attention (mla.py) takes the place of a layer's MLP or
+attention when the config asks for one.
 """
 
 import math
@@ -59,25 +61,28 @@ class Attention(nn.Module):
             y = rope.attend(q, k, v, mask, attend)
         else:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
-                k, v = cache.write(layer, k, v)  # (B, K, S, D): the past and the new
-            y = attend(q, k, v, mask)  # (B, H, T, D)
+            if hasattr(cache, "attend"):  # a paged cache stores k, v in its blocks and attends row by row
+                y = cache.attend(layer, q, k, v, mask, attend)  # (B, H, T, D)
+            else:
+                if cache is not None:
+                    k, v = cache.write(layer, k, v)  # (B, K, S, D): the past and the new
+                y = attend(q, k, v, mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
         return self.o_proj(y)
 
 
-def reference_attention(q, k, v, mask):
-    """softmax(q·kᵀ / sqrt(D) + mask) · v written out (Vaswani et al. 2017,
+def reference_attention(q, k, v, mask, scale=None):
+    """softmax(q·kᵀ · scale + mask) · v written out, scale = 1/sqrt(D) unless given (Vaswani et al. 2017,
     arXiv:1706.03762, eq. 1), the plain reference the fused kernel is tested against.
 
-    q (B, H, T, D), k/v (B, K, S, D). Query heads are grouped onto their kv head with a view,
+    q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv). Query heads are grouped onto their kv head with a view,
     (B, K, G, T, D) against (B, K, 1, S, D), so GQA/MQA share keys and values without copying them.
     mask: (B, 1, T, S) bool, or (B, H, T, S) float added to the scores (ALiBi), as SDPA takes them.
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     q = q.view(B, K, H // K, T, D)  # (B, K, G, T, D)
-    scores = q @ k.unsqueeze(2).transpose(-1, -2) / math.sqrt(D)  # (B, K, G, T, S)
+    scores = q @ k.unsqueeze(2).transpose(-1, -2) * (scale or 1 / math.sqrt(D))  # (B, K, G, T, S)
     if mask is None:  # plain causal
         mask = attention_mask_of(torch.ones(1, S, dtype=torch.bool, device=q.device), T)  # (1, 1, T, S)
     if mask.dtype.is_floating_point:
@@ -85,25 +90,26 @@ def reference_attention(q, k, v, mask):
     else:
         scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))  # mask (B, 1, 1, T, S)
     weights = scores.softmax(dim=-1).to(q.dtype)
-    y = weights @ v.unsqueeze(2)  # (B, K, G, T, D)
-    return y.view(B, H, T, D)
+    y = weights @ v.unsqueeze(2)  # (B, K, G, T, Dv)
+    return y.view(B, H, T, -1)
 
 
-def scaled_dot_product_attention(q, k, v, mask):
+def scaled_dot_product_attention(q, k, v, mask, scale=None):
     """The same computation by PyTorch's fused kernel; enable_gqa shares kv heads without copying."""
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=scale)
 
 
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020, arXiv:2002.05202): down(silu(gate(x)) · up(x))."""
+    """SwiGLU (Shazeer 2020, arXiv:2002.05202): down(silu(gate(x)) · up(x)), F = hidden_dim or ffn_dim wide."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hidden_dim: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
+        hidden = hidden_dim or config.ffn_dim
+        self.gate_proj = nn.Linear(config.dim, hidden, bias=False)
+        self.up_proj = nn.Linear(config.dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, config.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -112,16 +118,24 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: normalise the input of each sublayer, never the residual stream itself."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        # imported here: moe.py and mla.py build on this module's MLP, RMSNorm and attention functions
+        from minillama.model.mla import LatentAttention
+        from minillama.model.moe import MoE
 
-    def forward(self, x, rope, mask, cache=None, layer=0):
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config) if config.kv_lora_rank is None else LatentAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.sparse = config.is_moe_layer(layer)
+        self.mlp = MoE(config) if self.sparse else MLP(config)
+
+    def forward(self, x, rope, mask, cache=None, layer=0, router_logits=None):
+        """rope: (cos, sin) (B, 1, T, D) or a Positions (llama.Attention); router_logits: a list the MoE
+        layers append their router's logits to (training's load-balancing loss), or None."""
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, router_logits) if self.sparse else self.mlp(h))
 
 
 class LlamaModel(nn.Module):
@@ -131,7 +145,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.fixed_rotation = fixed_rotation(config)  # False: keys placed at attention time (positions.py)
         self.init_rope()
@@ -142,10 +156,10 @@ class LlamaModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, cache=None, router_logits=None):
         """input_ids (B, T); attention_mask (B, T) 1 = real token, 0 = (left) padding, for the new tokens
         only: a cache remembers the past ones; None = no padding (and the fastest path). Returns hidden
-        states (B, T, C)."""
+        states (B, T, C). router_logits: a list each MoE layer appends its router's logits (B·T, E) to."""
         B, T = input_ids.shape
         new = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
             else attention_mask.bool()  # (B, T)
@@ -163,7 +177,7 @@ class LlamaModel(nn.Module):
         mask = None if plain else attention_mask_of(torch.cat([past, new], dim=1), T, window)  # (B, 1, T, S)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i)
+            x = layer(x, rope, mask, cache, i, router_logits)
         if cache is not None:
             cache.advance(new)
         return self.norm(x)
@@ -207,9 +221,10 @@ class Llama(nn.Module):
 
     # ---- the surface the generator, the evaluator, losses and transforms use ----
 
-    def hidden_states(self, input_ids, attention_mask=None, cache=None):
-        """input_ids (B, T) -> the final norm's output (B, T, C); see LlamaModel.forward."""
-        return self.model(input_ids, attention_mask, cache)
+    def hidden_states(self, input_ids, attention_mask=None, cache=None, router_logits: list | None = None):
+        """input_ids (B, T) -> the final norm's output (B, T, C); see LlamaModel.forward. Given a list as
+        router_logits, each MoE layer appends its router's logits (B·T, E) to it, for the balance loss."""
+        return self.model(input_ids, attention_mask, cache, router_logits)
 
     def logits(self, hidden):
         """hidden (..., C) -> logits (..., V): apply the LM head only where logits are needed."""
@@ -231,10 +246,17 @@ class Llama(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, window: int | None = None, sink_tokens: int = 0):
         """An empty KV cache for this model, on its device, in the dtype of its activations (the norms'): a
-        KVCache of max_len slots, or with `window`, a SinkCache of sink_tokens + window slots whatever max_len."""
+        KVCache of max_len slots (latent attention: its own layout, mla.LatentCache, behind the same API),
+        or with `window`, a SinkCache of sink_tokens + window slots whatever max_len."""
+        from minillama.model.mla import LatentCache
+
         norm = self.model.norm.weight  # (matmul weights may be bf16 or quantized; the norms never are)
         if window is None:
-            return KVCache(self.config, batch_size, max_len, norm.device, norm.dtype)
+            kind = KVCache if self.config.kv_lora_rank is None else LatentCache
+            return kind(self.config, batch_size, max_len, norm.device, norm.dtype)
+        if self.config.kv_lora_rank is not None:
+            raise UserError("--window (a SinkCache) is not supported with latent attention (kv_lora_rank): "
+                            "its cache keeps rotated latent rows")
         if sink_tokens + window >= self.config.max_seq_len:  # the new token comes after them
             raise UserError(f"sink tokens ({sink_tokens}) + window ({window}) leave no room in the model's context "
                             f"of {self.config.max_seq_len} tokens: use a window below "

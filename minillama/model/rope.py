@@ -33,7 +33,7 @@ def rope_base(config: ModelConfig) -> float:
     the lowest frequency stretches by the factor while the highest barely moves: base · factor^(D/(D-2))."""
     s = config.rope_scaling
     if s is not None and s.type == "ntk":
-        D = config.head_dim
+        D = config.rope_dim
         return config.rope_theta * s.factor ** (D / (D - 2))
     return config.rope_theta
 
@@ -42,7 +42,7 @@ def frequencies(config: ModelConfig, length: int | None = None) -> tuple[torch.T
     """θ (D/2,) float64 of the config's RoPE, and its attention factor. `length`: the sequence length, for
     the types that depend on it (LENGTH_DEPENDENT); None = the length the model was trained on."""
     s = config.rope_scaling
-    theta = plain_frequencies(config.head_dim, rope_base(config))
+    theta = plain_frequencies(config.rope_dim, rope_base(config))
     if s is None or s.type in ("ntk", *RELATIVE):
         return theta, 1.0
     return SCALINGS[s.type](theta, s, config, length)
@@ -56,7 +56,7 @@ def _linear(theta, s: RopeScaling, config, length):
 
 def _dynamic(theta, s: RopeScaling, config, length):
     """Dynamic NTK (emozilla, 2023): the NTK base, raised only as far as the current length needs."""
-    D, trained = config.head_dim, s.original(config)
+    D, trained = config.rope_dim, s.original(config)
     length = max(length or trained, trained)
     base = config.rope_theta * (s.factor * length / trained - (s.factor - 1)) ** (D / (D - 2))
     return plain_frequencies(D, base), 1.0
@@ -66,7 +66,7 @@ def _yarn(theta, s: RopeScaling, config, length):
     """YaRN (Peng et al. 2023, arXiv:2309.00071): pairs that turn many times within the trained length keep
     their frequency, pairs that turn less than once are interpolated, a linear ramp between; attention is
     sharpened by 0.1·ln(factor) + 1."""
-    D, trained, factor = config.head_dim, s.original(config), s.factor
+    D, trained, factor = config.rope_dim, s.original(config), s.factor
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0

@@ -35,10 +35,12 @@ SOURCE = r"""
 #include <vector>
 #include <cmath>
 #include <algorithm>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef float vf __attribute__((vector_size(64)));          // 16 floats: one AVX-512 register
 typedef int32_t vi __attribute__((vector_size(64)));
-typedef int8_t vb __attribute__((vector_size(16)));
 typedef uint8_t vub __attribute__((vector_size(16)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 typedef uint32_t vu __attribute__((vector_size(64)));
@@ -50,55 +52,80 @@ static inline float sum16(vf v) {  // a tree of adds, not a chain of 16
 }
 static inline float half(const uint8_t* p) { _Float16 h; std::memcpy(&h, p, 2); return (float)h; }
 static inline vf loadf(const float* p) { vf v; std::memcpy(&v, p, 64); return v; }
-static inline vf widen_i8(const uint8_t* p) { vb b; std::memcpy(&b, p, 16); return __builtin_convertvector(__builtin_convertvector(b, vi), vf); }
 static inline vf widen_u8(vub b) { return __builtin_convertvector(__builtin_convertvector(b, vi), vf); }
+// signed bytes as unsigned + 128: GCC scalarizes a vector conversion of int8 (measured 7x slower), not of uint8
+static inline vf widen_i8(const uint8_t* p) { vub b; std::memcpy(&b, p, 16); return widen_u8(b ^ 0x80) - 128.f; }
 static inline vf widen_bf16(const uint16_t* p) {  // bf16 is the top half of an fp32
   vh h; std::memcpy(&h, p, 32); vu u = __builtin_convertvector(h, vu) << 16; vf f; std::memcpy(&f, &u, 64); return f;
 }
 
 enum Kind { F32, BF16, Q8_0, Q4_0, Q4_1 };
 
-// y[m * ldy + n] for rows n in [n0, n1) of one matrix: each weight row is decoded once and used for the M
-// activation rows. xs[m * nb + b] = sum of the 32 activations of block b (for the zero points of Q4_0 / Q4_1).
+// Block b of a weight row, dequantized: its 32 weights as w0 (weights 0..15) and w1 (16..31), fp32.
+template <int KIND>
+static inline void block(const uint8_t* r, int64_t b, vf& w0, vf& w1) {
+  if (KIND == F32) { w0 = loadf((const float*)r + 32 * b); w1 = loadf((const float*)r + 32 * b + 16); }
+  if (KIND == BF16) { w0 = widen_bf16((const uint16_t*)r + 32 * b); w1 = widen_bf16((const uint16_t*)r + 32 * b + 16); }
+  if (KIND == Q8_0) {
+    const uint8_t* k = r + 34 * b;
+    const float d = half(k);
+#ifdef __AVX512F__  // one sign-extending move per 16 bytes
+    w0 = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(k + 2)))) * d;
+    w1 = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(k + 18)))) * d;
+#else
+    w0 = widen_i8(k + 2) * d; w1 = widen_i8(k + 18) * d;
+#endif
+  }
+  if (KIND == Q4_0 || KIND == Q4_1) {
+    const uint8_t* k = r + (KIND == Q4_0 ? 18 : 20) * b;
+#ifdef __AVX512F__
+    // the block's 16 possible values d·q + zero as a table, indexed by the nibbles (vpermps reads an index's
+    // low 4 bits): 1.3x the weights per second of converting every nibble (GCC's vector extension
+    // scalarizes the same shuffle, hence intrinsics). Q4_0: zero = -8·d; Q4_1: fp16 d and m side by side.
+    uint32_t dm32 = 0; std::memcpy(&dm32, k, KIND == Q4_0 ? 2 : 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm32));  // (d, m or 0, 0, 0)
+    const __m512 iota = KIND == Q4_0 ? _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7)
+                                     : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 table = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(dm), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
+    const __m128i q = _mm_loadu_si128((const __m128i*)(k + (KIND == Q4_0 ? 2 : 4)));
+    w0 = (vf)_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q), table);
+    w1 = (vf)_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(q, 4)), table);
+#else
+    const float d = half(k), zero = KIND == Q4_0 ? -8.f * d : half(k + 2);
+    vub q; std::memcpy(&q, k + (KIND == Q4_0 ? 2 : 4), 16);
+    w0 = widen_u8(q & 15) * d + zero; w1 = widen_u8(q >> 4) * d + zero;
+#endif
+  }
+}
+
+// y[m * ldy + n] for rows n in [n0, n1) of one matrix: each weight block is decoded once and used for the M
+// activation rows.
 template <int M, int KIND>
-static void rows(const float* x, const float* xs, const uint8_t* w, int64_t row_bytes, float* y, int64_t ldy,
-                 int64_t K, int64_t n0, int64_t n1) {
-  const int64_t nb = K / 32;
+static void rows(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t ldy, int64_t K,
+                 int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* r = w + n * row_bytes;
-    vf acc[M] = {};
-    float off[M] = {};
-    for (int64_t b = 0; b < nb; b++) {
-      vf w0, w1; float d = 1.f, zero = 0.f;
-      if (KIND == F32) { w0 = loadf((const float*)r + 32 * b); w1 = loadf((const float*)r + 32 * b + 16); }
-      if (KIND == BF16) { w0 = widen_bf16((const uint16_t*)r + 32 * b); w1 = widen_bf16((const uint16_t*)r + 32 * b + 16); }
-      if (KIND == Q8_0) { const uint8_t* k = r + 34 * b; d = half(k); w0 = widen_i8(k + 2); w1 = widen_i8(k + 18); }
-      if (KIND == Q4_0 || KIND == Q4_1) {
-        const uint8_t* k = r + (KIND == Q4_0 ? 18 : 20) * b;
-        d = half(k);
-        zero = KIND == Q4_0 ? -8.f * d : half(k + 2);
-        vub q; std::memcpy(&q, k + (KIND == Q4_0 ? 2 : 4), 16);
-        w0 = widen_u8(q & 15); w1 = widen_u8(q >> 4);
-      }
+    vf acc0[M] = {}, acc1[M] = {};  // two chains of adds, not one
+    for (int64_t b = 0; b < K / 32; b++) {
+      vf w0, w1;
+      block<KIND>(r, b, w0, w1);
       for (int m = 0; m < M; m++) {
-        const float* xp = x + m * K + 32 * b;
-        vf p = w0 * loadf(xp) + w1 * loadf(xp + 16);
-        if (KIND == F32 || KIND == BF16) acc[m] += p; else acc[m] += p * d;
-        if (KIND == Q4_0 || KIND == Q4_1) off[m] += zero * xs[m * nb + b];
+        acc0[m] += w0 * loadf(x + m * K + 32 * b);
+        acc1[m] += w1 * loadf(x + m * K + 32 * b + 16);
       }
     }
-    for (int m = 0; m < M; m++) y[m * ldy + n] = sum16(acc[m]) + off[m];
+    for (int m = 0; m < M; m++) y[m * ldy + n] = sum16(acc0[m] + acc1[m]);
   }
 }
 
 template <int KIND>
-static void run(const float* x, const float* xs, const uint8_t* w, int64_t rb, float* y, int64_t ldy, int64_t M,
-                int64_t K, int64_t n0, int64_t n1) {
+static void run(const float* x, const uint8_t* w, int64_t rb, float* y, int64_t ldy, int64_t M, int64_t K,
+                int64_t n0, int64_t n1) {
   switch (M) {
-    case 1: rows<1, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;  case 2: rows<2, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;
-    case 3: rows<3, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;  case 4: rows<4, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;
-    case 5: rows<5, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;  case 6: rows<6, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;
-    case 7: rows<7, KIND>(x, xs, w, rb, y, ldy, K, n0, n1); break;  default: rows<8, KIND>(x, xs, w, rb, y, ldy, K, n0, n1);
+    case 1: rows<1, KIND>(x, w, rb, y, ldy, K, n0, n1); break;  case 2: rows<2, KIND>(x, w, rb, y, ldy, K, n0, n1); break;
+    case 3: rows<3, KIND>(x, w, rb, y, ldy, K, n0, n1); break;  case 4: rows<4, KIND>(x, w, rb, y, ldy, K, n0, n1); break;
+    case 5: rows<5, KIND>(x, w, rb, y, ldy, K, n0, n1); break;  case 6: rows<6, KIND>(x, w, rb, y, ldy, K, n0, n1); break;
+    case 7: rows<7, KIND>(x, w, rb, y, ldy, K, n0, n1); break;  default: rows<8, KIND>(x, w, rb, y, ldy, K, n0, n1);
   }
 }
 
@@ -112,8 +139,6 @@ static Mat mat(const torch::Tensor& w, int64_t kind, int64_t N) {
 // Y (M, ΣN) = X (M, K) times each matrix in turn, side by side: one parallel loop over all their rows.
 static void matmul(const float* X, int64_t M, int64_t K, const std::vector<Mat>& mats, float* Y) {
   TORCH_CHECK(M >= 1 && M <= 8 && K % 32 == 0, "kernels: 1 to 8 rows of a multiple of 32 values");
-  std::vector<float> sums(M * (K / 32), 0.f);  // per-block sums of the activations, for zero points
-  for (int64_t i = 0; i < M * K; i++) sums[i / 32] += X[i];
   std::vector<int64_t> start = {0};
   for (const Mat& m : mats) start.push_back(start.back() + m.N);
   const int64_t total = start.back();
@@ -124,11 +149,11 @@ static void matmul(const float* X, int64_t M, int64_t K, const std::vector<Mat>&
       if (lo >= hi) continue;
       const Mat& m = mats[i]; float* y = Y + start[i];
       switch (m.kind) {
-        case F32: run<F32>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi); break;
-        case BF16: run<BF16>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi); break;
-        case Q8_0: run<Q8_0>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi); break;
-        case Q4_0: run<Q4_0>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi); break;
-        default: run<Q4_1>(X, sums.data(), m.w, m.rb, y, total, M, K, lo, hi);
+        case F32: run<F32>(X, m.w, m.rb, y, total, M, K, lo, hi); break;
+        case BF16: run<BF16>(X, m.w, m.rb, y, total, M, K, lo, hi); break;
+        case Q8_0: run<Q8_0>(X, m.w, m.rb, y, total, M, K, lo, hi); break;
+        case Q4_0: run<Q4_0>(X, m.w, m.rb, y, total, M, K, lo, hi); break;
+        default: run<Q4_1>(X, m.w, m.rb, y, total, M, K, lo, hi);
       }
     }
   });
@@ -145,6 +170,31 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, int64_t kind, int64_
 // ---- one decoder layer's decode step in three calls (perf/fast.py FastDecoderLayer; model/llama.py is the
 // reference): attn_in (norm, q/k/v, rotary), then the cache write in Python, attn_out (attention, o_proj,
 // residual), mlp (norm, SwiGLU, residual). Rows m = one token of batch row m (T = 1).
+
+// q·k over D values: 16 lanes at a time when D allows (a scalar sum is one chain of D dependent adds)
+static inline float dot(const float* a, const float* b, int64_t D) {
+  if (D % 16) { float s = 0; for (int64_t d = 0; d < D; d++) s += a[d] * b[d]; return s; }
+  vf s = {};
+  for (int64_t d = 0; d < D; d += 16) s += loadf(a + d) * loadf(b + d);
+  return sum16(s);
+}
+
+// out (D) = scale · Σ_j p[j] · v[j] over S rows of v (row stride `stride`), the sum kept in registers
+static void weighted_sum(const float* p, float scale, const float* v, int64_t stride, int64_t S, int64_t D,
+                         float* out) {
+  if (D % 16 || D > 256) {
+    for (int64_t d = 0; d < D; d++) out[d] = 0;
+    for (int64_t j = 0; j < S; j++) for (int64_t d = 0; d < D; d++) out[d] += p[j] * v[j * stride + d];
+  } else {
+    vf acc[16] = {};  // D <= 256: 16 vectors of 16
+    for (int64_t j = 0; j < S; j++) {
+      if (p[j] == 0) continue;  // masked
+      for (int64_t i = 0; i < D / 16; i++) acc[i] += p[j] * loadf(v + j * stride + 16 * i);
+    }
+    for (int64_t i = 0; i < D / 16; i++) std::memcpy(out + 16 * i, &acc[i], 64);
+  }
+  for (int64_t d = 0; d < D; d++) out[d] *= scale;
+}
 
 static void rms_norm(const float* x, const float* w, float eps, int64_t M, int64_t C, float* out) {
   for (int64_t m = 0; m < M; m++) {
@@ -209,19 +259,12 @@ torch::Tensor attn_out(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch:
       float peak = -INFINITY;
       for (int64_t j = 0; j < S; j++) {
         if (mk && !mk[b * S + j]) { p[j] = -INFINITY; continue; }
-        float dot = 0; const float* kv = kb + j * k.stride(2);
-        for (int64_t d = 0; d < D; d++) dot += qv[d] * kv[d];
-        p[j] = dot * scale; peak = std::max(peak, p[j]);
+        p[j] = dot(qv, kb + j * k.stride(2), D) * scale; peak = std::max(peak, p[j]);
       }
       float total = 0;
       for (int64_t j = 0; j < S; j++) { p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - peak); total += p[j]; }
       float* out = A + b * H * D + h * D;
-      for (int64_t d = 0; d < D; d++) out[d] = 0;
-      for (int64_t j = 0; j < S; j++) {
-        if (p[j] == 0) continue;
-        const float wj = p[j] / total; const float* vv = vb + j * v.stride(2);
-        for (int64_t d = 0; d < D; d++) out[d] += wj * vv[d];
-      }
+      weighted_sum(p.data(), 1.f / total, vb, v.stride(2), S, D, out);
     }
   });
   auto y = torch::empty({B, C}, x.options());
@@ -276,7 +319,8 @@ def _build():
                       file=sys.stderr)
                 _module = load_inline("minillama_kernels", cpp_sources=SOURCE,
                                       functions=["linear_rows", "attn_in", "attn_out", "mlp"],
-                                      build_directory=str(folder), extra_cflags=["-O3", "-march=native"])
+                                      build_directory=str(folder), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                      extra_ldflags=["-fopenmp"])  # at::parallel_for is OpenMP pragmas
         except (RuntimeError, OSError, ImportError) as e:  # no compiler, or it failed
             print(f"note: could not build the decode kernels ({str(e).splitlines()[0][:120]}); using torch's "
                   "slower paths. Install g++ for the fast ones.", file=sys.stderr)

@@ -36,8 +36,10 @@ LLAMA2_SPM = dict(
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, *,
                     val_texts: Iterable[str] = (), seed: int = 0, character_coverage: float = 0.9995,
-                    max_sentences: int = 2_000_000, max_sentence_bytes: int = 65536, threads: int = 2) -> dict:
+                    max_sentences: int = 2_000_000, max_sentence_bytes: int = 65536, threads: int = 2,
+                    model_type: str = "bpe") -> dict:
     """Train on the lines of `texts`; write out_dir/tokenizer.model and the HF files; report on `val_texts`.
+    model_type "unigram" trains SentencePiece's unigram model instead (Kudo 2018, arXiv:1804.10959).
 
     character_coverage 0.9995 leaves the rarest 0.05% of characters to byte fallback (Chinese has thousands
     of rare characters; Llama 2 used 0.99995 on a far larger corpus). At most `max_sentences` lines,
@@ -60,7 +62,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
                     counts["characters"] += len(line)
                     yield line
 
-    print(f"training a {vocab_size:,}-piece BPE tokenizer with SentencePiece on {threads} threads ...",
+    kind = "BPE" if model_type == "bpe" else model_type
+    print(f"training a {vocab_size:,}-piece {kind} tokenizer with SentencePiece on {threads} threads ...",
           file=sys.stderr)
     start = time.time()
     spm.set_random_generator_seed(seed)  # which lines the sampler keeps when there are more than max_sentences
@@ -70,7 +73,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, 
             sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
             character_coverage=character_coverage, input_sentence_size=max_sentences,
             shuffle_input_sentence=True, max_sentence_length=max_sentence_bytes, num_threads=threads,
-            minloglevel=2, **LLAMA2_SPM)
+            minloglevel=2, **LLAMA2_SPM | {"model_type": model_type})
     except RuntimeError as e:
         raise UserError(_spm_message(str(e), counts["lines"])) from None
     seconds = time.time() - start

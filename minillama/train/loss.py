@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from minillama.model import Llama
+from minillama.model.moe import router_loss
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -75,7 +76,11 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size: int = 256, ignore
 
 class CausalLMLoss(nn.Module):
     """The model and its next-token loss as one module, so DDP and FSDP wrap the whole forward pass.
-    (The model's own forward always returns logits; the loss is the trainer's business.)"""
+    (The model's own forward always returns logits; the loss is the trainer's business.)
+
+    A mixture-of-experts model adds its router losses (model/moe.py: load balance, z-loss) while a gradient
+    is being taken; evaluation, without one, reports the language-model loss alone, comparable to a dense
+    model's."""
 
     def __init__(self, llama: Llama, chunk_size: int = 256):
         super().__init__()
@@ -84,6 +89,10 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, inputs, targets):
         """inputs, targets (B, T) -> mean cross-entropy of predicting targets[b, t] after inputs[b, :t+1]."""
-        hidden = self.llama.hidden_states(inputs)  # (B, T, C)
+        routing = [] if self.llama.config.n_experts and torch.is_grad_enabled() else None  # router logits
+        hidden = self.llama.hidden_states(inputs, router_logits=routing)  # (B, T, C)
         hidden = hidden.reshape(-1, hidden.shape[-1])  # (B·T, C)
-        return chunked_cross_entropy(hidden, self.llama.head_weight, targets.reshape(-1), self.chunk_size)
+        loss = chunked_cross_entropy(hidden, self.llama.head_weight, targets.reshape(-1), self.chunk_size)
+        if routing:
+            loss = loss + router_loss(routing, self.llama.config)
+        return loss
