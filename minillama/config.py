@@ -39,10 +39,9 @@ class ModelConfig:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # Length extension: "linear" = position interpolation (positions / factor), "ntk" = NTK-aware scaling
-    # (raise the base, not the positions); model/rope.py implements them
-    rope_scaling: str | None = None
-    rope_factor: float = 1.0
+    rope_scaling: "RopeScaling | None" = None  # running past the trained length (see RopeScaling)
+    # rope, or alibi: no rotation, a bias on the scores linear in the distance (Press et al. 2021, arXiv:2108.12409)
+    position_encoding: str = "rope"
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 adds a bias to q/k/v (not to o)
@@ -88,8 +87,12 @@ class ModelConfig:
                 "each key/value head must serve a whole group of query heads")
         if self.head_dim % 2:
             raise UserError(f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embedding")
-        if self.rope_scaling not in (None, "linear", "ntk"):
-            raise UserError(f"config field rope_scaling={self.rope_scaling!r}: use linear, ntk or none")
+        if isinstance(self.rope_scaling, dict):  # from JSON (our own field names, or asdict)
+            object.__setattr__(self, "rope_scaling", RopeScaling.of(self.rope_scaling))
+        if self.position_encoding not in ("rope", "alibi"):
+            raise UserError(f"config field position_encoding={self.position_encoding!r}: use rope or alibi")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check(self)
         if self.model_type not in FAMILIES:
             raise UserError(f"config field model_type={self.model_type!r}: use one of {', '.join(FAMILIES)}")
         self._check_experts_and_latents()
@@ -109,6 +112,10 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2 or self.n_kv_heads != self.n_heads or self.sliding_window is not None:
             raise UserError("latent attention (kv_lora_rank) needs an even qk_rope_head_dim, n_kv_heads = n_heads "
                             "(its keys come from one shared latent) and no sliding_window")
+        s = self.rope_scaling.type if self.rope_scaling else None
+        if self.position_encoding != "rope" or s not in (None, "linear", "ntk", "llama3", "truncation"):
+            raise UserError("latent attention (kv_lora_rank) caches rotated rope keys: plain, linear, ntk, llama3 or "
+                            f"truncation RoPE only, not {self.position_encoding} / {s} (no DeepSeek YaRN)")
 
     @property
     def head_dim(self) -> int:  # D
@@ -139,6 +146,67 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "truncation", "rerope", "leaky_rerope")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE runs past the length the model was trained on; model/rope.py has one function per type.
+
+    linear (position interpolation), ntk (a larger base), dynamic (the base grows with the sequence), yarn,
+    llama3 and longrope read as Hugging Face's `rope_scaling` does (the same fields, None = its default);
+    truncation is the notes' rule on frequencies; rerope and leaky_rerope clip relative positions.
+    """
+    type: str  # one of ROPE_TYPES
+    factor: float = 1.0  # how many times the trained length to reach; leaky_rerope: k (slope 1/k past the window)
+    original_max_seq_len: int | None = None  # the trained length (dynamic, yarn, llama3, longrope); None = max_seq_len
+    attention_factor: float | None = None  # yarn, longrope: cos and sin are scaled by it; None = from the factor
+    beta_fast: float | None = None  # yarn: pairs turning more than beta_fast (32) times in the trained length keep
+    beta_slow: float | None = None  # their frequency, fewer than beta_slow (1) are interpolated, a ramp between
+    mscale: float | None = None  # yarn (DeepSeek): the attention factor as a ratio of two of these
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None  # yarn: round the ramp's ends to whole pairs (None = yes)
+    low_freq_factor: float | None = None  # llama3: wavelengths past original / low_freq_factor are interpolated,
+    high_freq_factor: float | None = None  # those below original / high_freq_factor kept, a ramp between
+    short_factor: tuple[float, ...] | None = None  # longrope: per-pair divisors of the frequencies, up to and
+    long_factor: tuple[float, ...] | None = None  # past the trained length (D/2 numbers each)
+    low: float | None = None  # truncation: frequencies θ < low become 0, low <= θ < high become beta, θ >= high
+    high: float | None = None  # stay (Pal et al. 2023, "Giraffe", arXiv:2308.10882)
+    beta: float | None = None
+    window: int | None = None  # rerope, leaky_rerope: relative positions up to it are used as they are
+
+    @classmethod
+    def of(cls, d: dict) -> "RopeScaling":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"config field rope_scaling: unknown fields {sorted(unknown)}")
+        lists = {k: tuple(d[k]) for k in ("short_factor", "long_factor") if d.get(k) is not None}
+        return cls(**d | lists)
+
+    def check(self, config: "ModelConfig") -> None:
+        """Raise UserError naming the first field this type needs and lacks, or has wrong."""
+        if self.type not in ROPE_TYPES:
+            raise UserError(f"config field rope_scaling.type={self.type!r}: use one of {', '.join(ROPE_TYPES)}")
+        if config.position_encoding != "rope":
+            raise UserError(f"rope_scaling {self.type} needs position_encoding rope, not {config.position_encoding}")
+        needs = {"llama3": ("low_freq_factor", "high_freq_factor"), "longrope": ("short_factor", "long_factor"),
+                 "truncation": ("low", "high", "beta"), "rerope": ("window",), "leaky_rerope": ("window",)}
+        for name in needs.get(self.type, ()):
+            if getattr(self, name) is None:
+                raise UserError(f"rope_scaling {self.type} needs the field {name}")
+        if not self.factor >= 1:
+            raise UserError(f"rope_scaling.factor must be >= 1, got {self.factor!r}")
+        if self.window is not None and not 0 < self.window:
+            raise UserError(f"rope_scaling.window must be a positive number of tokens, got {self.window!r}")
+        for name in ("short_factor", "long_factor"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != config.rope_dim // 2:
+                raise UserError(f"rope_scaling.{name} needs {config.rope_dim // 2} numbers, one per rotary pair")
+
+    def original(self, config: "ModelConfig") -> int:
+        """The length the model was trained on."""
+        return self.original_max_seq_len or config.max_seq_len
 
 
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -342,6 +410,10 @@ class GenerationConfig:
     stop_ids: tuple[int, ...] = option((), "stop on these ids besides the tokenizer's EOS ids", cli=False)
     stop_strings: tuple[str, ...] = option((), "stop string (repeatable)", flag="--stop", metavar="TEXT")
     ignore_eos: bool = option(False, "keep generating past the end-of-sequence token")
+    # StreamingLLM (Xiao et al. 2023, arXiv:2309.17453): a bounded cache of the first tokens + the recent ones
+    window: int | None = option(None, "keep only the sink tokens and the last W tokens in the KV cache: constant "
+                                      "memory, and generation past the model's context", metavar="W")
+    sink_tokens: int = option(4, "with --window: the first N tokens, which the cache always keeps", metavar="N")
 
     def __post_init__(self):
         checks = [
@@ -351,6 +423,8 @@ class GenerationConfig:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
             ("min_p", 0 <= self.min_p <= 1, "in [0, 1] (0 = off)"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = off)"),
+            ("window", self.window is None or self.window >= 1, "at least 1 token"),
+            ("sink_tokens", self.sink_tokens >= 0, ">= 0"),
         ]
         for name, ok, rule in checks:
             if not ok:  # NaN fails every comparison, so it lands here too

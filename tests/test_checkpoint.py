@@ -13,7 +13,7 @@ import torch
 
 from minillama.checkpoint import load_config, load_model, save_model
 from minillama.cli import main
-from minillama.config import ModelConfig, UserError
+from minillama.config import ModelConfig, RopeScaling, UserError
 from minillama.model import Llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
@@ -141,7 +141,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path):
 def test_ntk_scaled_model_round_trips(tmp_path):
     """HF has no static NTK scaling: save_model writes the raised base, which is the same rotation."""
     config = ModelConfig(vocab_size=101, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_seq_len=64,
-                         rope_scaling="ntk", rope_factor=4.0)
+                         rope_scaling=RopeScaling("ntk", 4.0))
     model = Llama(config).init_weights(0).eval()
     save_model(model, tmp_path / "m")
     ids, mask = batch()

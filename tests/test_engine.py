@@ -5,9 +5,10 @@ generate_ids on each prompt alone, whatever runs beside them."""
 import threading
 import time
 
+import pytest
 import torch
 
-from minillama.config import GenerationConfig, ModelConfig
+from minillama.config import GenerationConfig, ModelConfig, RopeScaling, UserError
 from minillama.infer.engine import Engine, Request
 from minillama.infer.generate import generate_ids
 from minillama.model import Llama
@@ -92,6 +93,13 @@ def run_engine(engine, requests, stagger=0.0):
     while any(r[2] is None for r in results) and time.time() < deadline:
         time.sleep(0.01)
     return [(tokens, "".join(text), done) for tokens, text, done in results]
+
+
+@pytest.mark.parametrize("positions", [{"position_encoding": "alibi"}, {"rope_scaling": RopeScaling("dynamic", 2.0)}])
+def test_engine_refuses_keys_placed_at_attention_time(positions):
+    """The blocks keep keys rotated once; ALiBi, ReRoPE and length-dependent frequencies place them per step."""
+    with pytest.raises(UserError, match="serve needs RoPE with fixed frequencies"):
+        Engine(Llama(CONFIG.replace(**positions)), byte_tokenizer(), kv_cache_mb=1)
 
 
 def test_engine_greedy_equals_each_prompt_alone_with_rows_coming_and_going():

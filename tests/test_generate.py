@@ -94,7 +94,7 @@ class ScriptedModel(nn.Module):
         self.script = list(script)
         self.cache, self.generated = None, 0  # the cache of the current generation; tokens since its prefill
 
-    def new_cache(self, batch_size, max_len):
+    def new_cache(self, batch_size, max_len, window=None, sink_tokens=0):
         return KVCache(self.config, batch_size, max_len)
 
     def hidden_states(self, ids, mask, cache):

@@ -11,7 +11,7 @@ import torch
 from minillama.checkpoint import load_model
 from minillama.checkpoint.gguf_export import export_gguf
 from minillama.cli import main
-from minillama.config import ModelConfig, UserError
+from minillama.config import ModelConfig, RopeScaling, UserError
 from minillama.model import Llama
 from minillama.tokenizer import Tokenizer, load_tokenizer
 from minillama.tokenizer.gguf_vocab import PROBE, add_vocab
@@ -89,7 +89,7 @@ def random_model(**changes):
 ARCHITECTURES = {  # (model, the metadata the file must carry)
     "qwen2, biases, tied": (dict(model_type="qwen2", qkv_bias=True, tie_embeddings=True, rope_theta=1e6,
                                  norm_eps=1e-6), {"general.architecture": "qwen2", "qwen2.rope.freq_base": 1e6}),
-    "llama, MQA, untied, linear rope": (dict(n_kv_heads=1, rope_scaling="linear", rope_factor=2.0),
+    "llama, MQA, untied, linear rope": (dict(n_kv_heads=1, rope_scaling=RopeScaling("linear", 2.0)),
                                         {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}),
     "mistral, sliding window": (dict(model_type="mistral", sliding_window=16),
                                 {"general.architecture": "llama", "llama.context_length": 16}),
@@ -113,7 +113,7 @@ def test_architectures_round_trip_exactly(name, tmp_path, capsys):
 
 
 def test_ntk_rope_is_written_as_its_larger_base(tmp_path):
-    model = random_model(rope_scaling="ntk", rope_factor=4.0)
+    model = random_model(rope_scaling=RopeScaling("ntk", 4.0))
     loaded = load_model(export_gguf(model, None, tmp_path / "m.gguf"))
     assert loaded.config.rope_scaling is None and loaded.config.rope_theta == pytest.approx(10000 * 4 ** (16 / 14))
     ids = list(range(40))
@@ -286,3 +286,10 @@ def test_smollm2_reexported_round_trips_and_its_q8_0_agrees(smollm2_model, smoll
     report = compare(a, b, open(__file__, encoding="utf-8").read().split('"""')[1], steps=64, prompt_tokens=16)
     assert report["greedy"]["steps"] == 64 and report["greedy"]["agree"] >= 61  # 95% of 64 steps
     assert 0 < report["kl"]["mean"] < 0.05 and len(report["layers_max_diff"]) == 30
+
+
+def test_rope_scalings_llama_cpp_would_run_differently_are_refused(tmp_path):
+    model = random_model(rope_scaling=RopeScaling("yarn", 4.0, original_max_seq_len=16))
+    with pytest.raises(UserError, match="GGUF export writes RoPE plain, linear or ntk; this model has yarn"):
+        export_gguf(model, None, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

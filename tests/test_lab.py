@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minillama.cli import main
-from minillama.config import preset
+from minillama.config import RopeScaling, preset
 from minillama.lab import EXPERIMENTS
 from minillama.model import Llama
 
@@ -73,11 +73,14 @@ def test_attention_maps_it_to_animal(tmp_path, smollm2_model, smollm2_tokenizer)
     written(tmp_path, "attention-maps")
 
 
-def test_attention_weights_are_the_models():
-    """The lab's weights, applied to the layer's own values, give the layer's own output (through SDPA)."""
+@pytest.mark.parametrize("positions", [{}, {"position_encoding": "alibi"},
+                                       {"rope_scaling": RopeScaling("rerope", window=4)}])
+def test_attention_weights_are_the_models(positions):
+    """The lab's weights, applied to the layer's own values, give the layer's own output (through SDPA),
+    also when the keys are placed at attention time (ALiBi, ReRoPE: the layer gets a Positions)."""
     from minillama.lab.common import attention_weights
 
-    model = Llama(preset("tiny").replace(n_kv_heads=4)).init_weights(0)
+    model = Llama(preset("tiny").replace(n_kv_heads=4, **positions)).init_weights(0)
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
     seen = []
     hooks = [layer.self_attn.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))

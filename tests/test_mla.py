@@ -6,7 +6,8 @@ DeepseekV2 are in test_checkpoint.py; cache and padding invariants in test_model
 import pytest
 import torch
 
-from minillama.config import GenerationConfig, ModelConfig, preset
+from minillama.checkpoint.hf import config_from_hf, config_to_hf
+from minillama.config import GenerationConfig, ModelConfig, RopeScaling, UserError, preset
 from minillama.infer.generate import generate_ids
 from minillama.model import Llama
 from minillama.model.calc import kv_cache_bytes_per_token
@@ -108,6 +109,32 @@ def test_cache_holds_only_latents_and_rope_keys():
     assert per_token == 2 * (12 + 4) * 4 == kv_cache_bytes_per_token(model.config, "fp32")  # layers·(R + Dr)·fp32
     mha = model.config.replace(kv_lora_rank=None)  # 4 heads of 8 for keys and for values
     assert kv_cache_bytes_per_token(mha, "fp32") == 2 * 2 * 4 * 8 * 4
+
+
+def test_latent_attention_takes_the_fixed_rotations_only():
+    """Its cache keeps the rope keys rotated, so the scalings that fix each position's rotation work (cached
+    decoding equals recomputing, and the scaling changes the logits); those placed at attention time (ALiBi,
+    dynamic, ReRoPE), a SinkCache, and DeepSeek's YaRN (which also rescales the softmax) are refused."""
+    config = CONFIGS["q_proj"]
+    for bad in (dict(rope_scaling=RopeScaling("yarn", 4.0)), dict(position_encoding="alibi"),
+                dict(rope_scaling=RopeScaling("dynamic", 2.0)), dict(rope_scaling=RopeScaling("rerope", window=4))):
+        with pytest.raises(UserError, match="latent attention"):
+            config.replace(**bad)
+    deepseek = config_to_hf(config) | {"rope_scaling": {"type": "yarn", "factor": 40, "mscale": 0.707,
+                                                        "mscale_all_dim": 0.707, "original_max_position_embeddings": 8}}
+    with pytest.raises(UserError, match="config.json: latent attention.*yarn"):
+        config_from_hf(deepseek)
+    with pytest.raises(UserError, match="latent attention"):
+        model_of("q_proj").new_cache(1, 16, window=8, sink_tokens=2)
+    ids = torch.randint(1, 61, (1, 12), generator=torch.Generator().manual_seed(0))
+    plain = model_of("q_proj")(ids)
+    model = Llama(config.replace(rope_scaling=RopeScaling("linear", 2.0))).init_weights(0).eval()
+    model.load_state_dict(model_of("q_proj").state_dict())
+    full = model(ids)
+    cache = model.new_cache(1, 16)
+    steps = [model(ids[:, :8], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(full[:, 1:], plain[:, 1:], atol=1e-3)
 
 
 def test_generation_drops_finished_rows_from_the_latent_cache():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minillama.checkpoint.hf import config_from_hf, config_to_hf
-from minillama.config import PRESETS, ModelConfig, UserError, preset
+from minillama.config import PRESETS, ModelConfig, RopeScaling, UserError, preset
 from minillama.model import Llama, LlamaForSequenceClassification
 from minillama.model.rope import rope_tables
 
@@ -123,9 +123,9 @@ def test_rope_scaling_methods():
     cos, sin = rope_tables(base, 16)
     # rotate-half layout: both halves hold the same angles; position 0 is the identity rotation
     assert torch.equal(cos[:, :4], cos[:, 4:8]) and torch.allclose(cos[0], torch.ones(8))
-    linear_cos, _ = rope_tables(base.replace(rope_scaling="linear", rope_factor=2.0), 16)
+    linear_cos, _ = rope_tables(base.replace(rope_scaling=RopeScaling("linear", 2.0)), 16)
     assert torch.allclose(linear_cos[6], cos[3], atol=1e-6)  # position interpolation: position 6 acts as 3
-    ntk_cos, _ = rope_tables(base.replace(rope_scaling="ntk", rope_factor=4.0), 16)
+    ntk_cos, _ = rope_tables(base.replace(rope_scaling=RopeScaling("ntk", 4.0)), 16)
     # NTK-aware: the highest frequency (pair 0) is untouched, the lowest is slowed down
     assert torch.allclose(ntk_cos[:, 0], cos[:, 0]) and not torch.allclose(ntk_cos[:, 3], cos[:, 3])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from minillama.checkpoint.names import GGUF, interleaved_to_half, our_name
-from minillama.config import ModelConfig, UserError
+from minillama.config import ModelConfig, RopeScaling, UserError
 
 GGUF_ARCHS = ("llama", "qwen2")  # our model_type has the same name; Mistral's GGUFs say llama
 
@@ -54,8 +54,8 @@ def gguf_config(reader, path: Path) -> ModelConfig:
             hidden_dim=int(field(f"{arch}.feed_forward_length")),
             norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
             rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
-            rope_scaling=None if scaling == "none" else scaling,
-            rope_factor=float(field(f"{arch}.rope.scaling.factor", 1.0)),
+            rope_scaling=None if scaling == "none"
+            else RopeScaling(scaling, float(field(f"{arch}.rope.scaling.factor", 1.0))),
             max_seq_len=int(field(f"{arch}.context_length", 4096)),
             tie_embeddings="output.weight" not in tensors,  # llama.cpp omits the copy of a tied matrix
             qkv_bias=arch == "qwen2", model_type=arch,
@@ -144,7 +144,9 @@ def prepared(path: Path) -> Path:
 
     path = Path(path).resolve()
     stat = path.stat()
-    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # ModelConfig's field names too: a folder written before they changed would not load
+    fields = ",".join(f.name for f in dataclasses.fields(ModelConfig))
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{fields}".encode()).hexdigest()[:16]
     folder = cache_dir() / "prepared" / f"{path.stem}-{key}"
     if (folder / "tensors.json").exists():
         return folder

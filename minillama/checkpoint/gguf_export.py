@@ -111,9 +111,14 @@ def add_hparams(writer, config: ModelConfig, context: int, type: str) -> None:
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(rope_base(config))  # NTK-aware scaling is only a larger base (as in HF's config)
     writer.add_layer_norm_rms_eps(config.norm_eps)
-    if config.rope_scaling == "linear":
+    s = config.rope_scaling
+    if s is not None and s.type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(config.rope_factor)
+        writer.add_rope_scaling_factor(s.factor)
+    elif s is not None and s.type != "ntk" or config.position_encoding != "rope":
+        raise UserError(f"GGUF export writes RoPE plain, linear or ntk; this model has "
+                        f"{s.type if s is not None else config.position_encoding}, which llama.cpp would not run as "
+                        "minillama does")
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(FILE_TYPES[type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

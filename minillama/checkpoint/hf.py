@@ -3,6 +3,7 @@ generation_config.json and the tokenizer files, exactly what transformers writes
 names are Hugging Face's, so the weights need no key mapping; config.json is translated here.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from minillama.checkpoint.atomic import atomic_folder
 from minillama.checkpoint.names import from_hf_name, to_hf_name
-from minillama.config import FAMILIES, ModelConfig, UserError
+from minillama.config import FAMILIES, ROPE_TYPES, ModelConfig, RopeScaling, UserError
 
 # ---- config.json <-> ModelConfig ----
 
@@ -32,8 +33,7 @@ def config_to_hf(config: ModelConfig) -> dict:
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": rope_base(config),  # HF has no static NTK type: it is just this larger base
-        "rope_scaling": {"rope_type": "linear", "factor": config.rope_factor}
-        if config.rope_scaling == "linear" else None,
+        "rope_scaling": rope_scaling_to_hf(config),
         "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": _json_ids(config.eos_token_id),
@@ -41,6 +41,11 @@ def config_to_hf(config: ModelConfig) -> dict:
         "initializer_range": 0.02,
         "torch_dtype": "float32",
     }
+    s = config.rope_scaling
+    if s is not None and s.type == "dynamic":  # HF's dynamic NTK scales from max_position_embeddings on
+        d["max_position_embeddings"] = s.original(config)
+    if config.position_encoding != "rope":  # ours alone: transformers' Llama knows no ALiBi
+        d["position_encoding"] = config.position_encoding
     if config.model_type == "llama":
         if config.qkv_bias:
             raise UserError("a llama config.json cannot express a q/k/v-only bias; use model_type qwen2")
@@ -108,6 +113,47 @@ def _json_ids(ids):
     return list(ids) if isinstance(ids, tuple) else ids
 
 
+def rope_scaling_to_hf(config: ModelConfig) -> dict | None:
+    """`rope_scaling` as transformers reads it (4.x and 5.x), our field names where they differ. Types
+    transformers lacks (truncation, rerope, leaky_rerope) are written the same way, so it refuses them."""
+    s = config.rope_scaling
+    if s is None or s.type == "ntk":
+        return None
+    d = {"rope_type": s.type, "factor": s.factor}
+    if s.type in ("yarn", "llama3", "longrope"):
+        d["original_max_position_embeddings"] = s.original(config)
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if f.name not in ("type", "factor", "original_max_seq_len") and value is not None:
+            d[f.name] = list(value) if isinstance(value, tuple) else value
+    return d
+
+
+def rope_scaling_from_hf(d: dict, source: str) -> tuple[RopeScaling | None, int]:
+    """(our RopeScaling, max_seq_len) from `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
+    max_len = d.get("max_position_embeddings", 2048)
+    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    for key in ("type", "rope_theta"):
+        params.pop(key, None)
+    if (params.pop("partial_rotary_factor", None) or 1.0) != 1.0:
+        raise UserError(f"{source}: partial_rotary_factor (rotating part of each head) is not supported")
+    if kind == "default":
+        return None, max_len
+    if kind not in ROPE_TYPES:
+        raise UserError(f"{source}: rope type {kind!r} is not supported; use one of {', '.join(ROPE_TYPES)}")
+    original = params.pop("original_max_position_embeddings", None)
+    if params.get("factor") is None:  # yarn and longrope may leave it to the two lengths
+        params["factor"] = max_len / original if original else 1.0
+    try:
+        scaling = RopeScaling.of({"type": kind, "original_max_seq_len": original} | params)
+    except (UserError, TypeError) as e:
+        raise UserError(f"{source}: rope_scaling: {e}") from None
+    if kind == "dynamic":  # max_position_embeddings is the trained length; we may run factor times longer
+        return dataclasses.replace(scaling, original_max_seq_len=max_len), int(max_len * scaling.factor)
+    return scaling, max_len
+
+
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     model_type = d.get("model_type", "llama")
     if model_type not in FAMILIES:
@@ -125,13 +171,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         raise UserError(f"{source}: head_dim {head_dim} x {n_heads} heads != hidden_size {d['hidden_size']}")
     rope = d.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
     theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    kind, factor = None, 1.0
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("linear",):
-            raise UserError(f"{source}: rope_scaling type {kind!r} is not supported (use linear)")
-        factor = float(scaling["factor"])
+    scaling, max_len = rope_scaling_from_hf(d, source)
     window = d.get("sliding_window")
     if model_type in ("qwen2", "qwen2_moe") and not d.get("use_sliding_window", False):
         window = None
@@ -140,8 +180,8 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=n_heads if model_type == "deepseek_v2" else d.get("num_key_value_heads") or n_heads,
             hidden_dim=d.get("intermediate_size"),
-            norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=kind, rope_factor=factor,
-            max_seq_len=d.get("max_position_embeddings", 2048),
+            norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+            position_encoding=d.get("position_encoding", "rope"), max_seq_len=max_len,
             tie_embeddings=d.get("tie_word_embeddings", model_type == "qwen2"),
             qkv_bias=model_type == "qwen2" or model_type == "qwen2_moe" and d.get("qkv_bias", True),
             sliding_window=window, model_type=model_type,
@@ -191,8 +231,6 @@ def _latent_from_hf(d: dict) -> dict:
 
 def read_config(path) -> ModelConfig:
     """A config.json (Hugging Face keys), or a JSON file of ModelConfig's own field names."""
-    import dataclasses
-
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"

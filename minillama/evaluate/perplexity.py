@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from minillama.config import UserError
+from minillama.config import GenerationConfig, UserError
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,34 @@ def perplexity(model, ids, context: int, stride: int, batch_size: int = 4, progr
     return {"perplexity": math.exp(nll / scored), "nll": nll, "tokens": scored, "windows": len(todo)}
 
 
+@torch.inference_mode()
+def streaming_perplexity(model, ids, window: int, sink_tokens: int, progress: bool = False) -> dict:
+    """Perplexity of `ids` read as one stream through a bounded SinkCache (StreamingLLM, Xiao et al. 2023,
+    arXiv:2309.17453, section 4.1): each token is predicted from the first sink_tokens tokens, the `window`
+    latest and itself, however long the text. Until the cache is full nothing leaves it, so those tokens
+    go in one forward pass; then one token per step, as generation reads them."""
+    from tqdm import tqdm
+
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() != 1 or len(ids) < 2:
+        raise UserError(f"need a 1-D sequence of at least 2 token ids to score, got shape {tuple(ids.shape)}")
+    cache = model.new_cache(1, 0, window=window, sink_tokens=sink_tokens)
+    stream = ids.to(model.device)[None]  # (1, N)
+    first = min(len(ids) - 1, cache.max_len)
+    logits = model.logits(model.hidden_states(stream[:, :first], None, cache)[0]).float()  # (first, V)
+    nll = F.cross_entropy(logits, stream[0, 1:first + 1], reduction="sum").item()
+    with tqdm(total=len(ids) - 1, initial=first, unit="tok", desc="perplexity", disable=not progress,
+              file=sys.stderr) as bar:
+        for t in range(first, len(ids) - 1):
+            logits = model.logits(model.hidden_states(stream[:, t:t + 1], None, cache)[0]).float()  # (1, V)
+            nll += F.cross_entropy(logits, stream[0, t + 1:t + 2], reduction="sum").item()
+            bar.update(1)
+    scored = len(ids) - 1
+    return {"perplexity": math.exp(nll / scored), "nll": nll, "tokens": scored}
+
+
 def evaluate_text(model, tokenizer, text: str, context: int, stride: int, max_tokens: int | None = None,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, window: int | None = None, sink_tokens: int = 4) -> dict:
     """Tokenize `text` once as the tokenizer's defaults do (BOS included if it adds one), score it, and
     add bits per byte. With max_tokens, only the first max_tokens ids are scored and the bytes counted
     are those of the text they decode to."""
@@ -115,10 +141,14 @@ def evaluate_text(model, tokenizer, text: str, context: int, stride: int, max_to
         n_bytes = len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
     if len(ids) < 2:
         raise UserError(f"the text is {len(ids)} token long: nothing to score")
-    result = perplexity(model, ids, context, stride, progress=progress)
+    if window is None:
+        result = perplexity(model, ids, context, stride, progress=progress)
+        result["context"], result["stride"] = context, stride
+    else:
+        result = streaming_perplexity(model, ids, window, sink_tokens, progress=progress)
+        result["window"], result["sink_tokens"] = window, sink_tokens
     result["bytes"] = n_bytes
     result["bits_per_byte"] = result["nll"] / math.log(2) / n_bytes
-    result["context"], result["stride"] = context, stride
     return result
 
 
@@ -146,7 +176,10 @@ def read_text(args) -> str:
 
 
 def eval_flags(p) -> None:
+    import dataclasses
+
     from minillama.checkpoint.load import model_flags
+    from minillama.cli import add_fields
 
     p.description = "Perplexity by sliding windows; every token scored exactly once."
     model_flags(p)
@@ -160,6 +193,10 @@ def eval_flags(p) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts, <= context (default: context, disjoint windows)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    # --window and --sink-tokens, as generate has them (a bounded StreamingLLM cache): the text is then read
+    # as one stream through it, and --context/--stride do not apply
+    add_fields(p, GenerationConfig, skip=tuple(f.name for f in dataclasses.fields(GenerationConfig)
+                                               if f.name not in ("window", "sink_tokens")))
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -168,15 +205,18 @@ def eval_command(args) -> None:
 
     if args.context is not None:  # bad window arguments fail before the (slow) load
         check_window(args.context, args.stride or args.context)
+    config = GenerationConfig(window=args.window, sink_tokens=args.sink_tokens)  # checks them the same way
     text = read_text(args)
     model, tokenizer = load_from_flags(args)
     context = args.context or min(model.config.max_seq_len, 1024)
     stride = args.stride or context
-    r = evaluate_text(model, tokenizer, text, context, stride, args.max_tokens, progress=True)
+    r = evaluate_text(model, tokenizer, text, context, stride, args.max_tokens, progress=True,
+                      window=config.window, sink_tokens=config.sink_tokens)
     if args.json:
         print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()}))
         return
     print(f"perplexity     {r['perplexity']:.4f}")
     print(f"bits per byte  {r['bits_per_byte']:.4f}")
-    print(f"tokens scored  {r['tokens']:,} ({r['bytes']:,} bytes, {r['windows']} windows of {context}, "
-          f"stride {stride})")
+    read = f"windows of {context}, stride {stride}" if args.window is None else \
+        f"as a stream: {args.sink_tokens} sink tokens + a window of {args.window}"
+    print(f"tokens scored  {r['tokens']:,} ({r['bytes']:,} bytes, {read})")

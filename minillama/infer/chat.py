@@ -41,7 +41,8 @@ def fit_history(tokenizer, messages: list[dict], budget: int, notice=None) -> li
 def reply(model, tokenizer, messages: list[dict], config: GenerationConfig, write=None, notice=None):
     """Answer the conversation (its last message is the user's), streaming pieces to `write`; the answer
     is appended to `messages`. Returns (answer text, Timing)."""
-    budget = model.config.max_seq_len - config.max_new_tokens
+    # the prompt must fit the context; answers too, unless a bounded cache (--window) runs past it
+    budget = model.config.max_seq_len - (config.max_new_tokens if config.window is None else 1)
     if budget < 1:
         raise UserError(f"max_new_tokens={config.max_new_tokens} leaves no room for the conversation in the "
                         f"model's context of {model.config.max_seq_len} tokens: lower --max-new-tokens")

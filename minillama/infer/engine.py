@@ -84,6 +84,9 @@ class Engine:
     def __init__(self, model, tokenizer, kv_cache_mb: float = 1024, max_running: int = 32, max_queue: int = 64,
                  prefill_chunk: int = 256):
         c = model.config
+        if not model.model.fixed_rotation:  # the blocks keep keys rotated, once (model/positions.py)
+            raise UserError(f"serve needs RoPE with fixed frequencies, not position_encoding {c.position_encoding} "
+                            f"/ rope_scaling {c.rope_scaling.type if c.rope_scaling else None}")
         dtype = model.model.norm.weight.dtype  # the activations' dtype, as model.new_cache uses
         token_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
         n_blocks = max(1, int(kv_cache_mb * 2**20 / token_bytes) // BLOCK_SIZE)

@@ -81,11 +81,12 @@ def generate_ids(model, prompts: list[list[int]], config: GenerationConfig, stop
     removed from the batch. Rows are left-padded, so each row's output equals generating it alone.
     """
     mc = model.config
-    check_prompts(prompts, config.max_new_tokens, mc.vocab_size, mc.max_seq_len)
+    # a bounded cache (--window, StreamingLLM) generates past the context: only the prompt must fit it
+    check_prompts(prompts, config.max_new_tokens if config.window is None else 0, mc.vocab_size, mc.max_seq_len)
     stop_rows = set() if stop_rows is None else stop_rows
     timing = Timing() if timing is None else timing
     T = max(len(p) for p in prompts)
-    cache = model.new_cache(len(prompts), T + config.max_new_tokens)
+    cache = model.new_cache(len(prompts), T + config.max_new_tokens, config.window, config.sink_tokens)
     device = cache.device
     ids, mask = left_pad(prompts, device)  # (B, T)
     generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None

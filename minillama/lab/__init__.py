@@ -25,6 +25,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "padding": ("padding", "left vs right padding in batched generation; the causal mask built by broadcasting"),
     "memory": ("memory", "Llama-2-13B's 13,015,864,320 term by term; predicted vs measured training memory"),
     "attention-maps": ("attention_maps", "SmolLM2's heads on 'The animal didn't cross the street because it ...'"),
+    "long-context": ("long_context", "RoPE scaling, ReRoPE and ALiBi past the training length: perplexity, passkey"),
 }
 
 

@@ -227,24 +227,30 @@ def smollm2(model=None, tokenizer=None):
 def attention_weights(model, ids, attention_mask=None) -> list[torch.Tensor]:
     """Every layer's attention weights (B, H, T, S) for input_ids (B, T), from the model's own plain
     reference_attention: with one-hot values, softmax(q·kᵀ/√D)·v *is* the weights. The keys and queries are
-    those the layer computes (a pre-hook reads its inputs); the model is not changed."""
+    those the layer computes (a pre-hook reads its inputs: x, rope, mask); the model is not changed. A rope
+    that is a Positions (ALiBi, ReRoPE, ...) places them itself, its attend given the reference kernel."""
     from minillama.model.llama import reference_attention
+    from minillama.model.positions import Positions
     from minillama.model.rope import apply_rope
 
     captured = []
 
     def read(attn, args):
-        x, cos, sin, mask = args[:4]
+        x, rope, mask = args[:3]
         B, T, _ = x.shape
         H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        q = apply_rope(attn.q_proj(x).view(B, T, H, D).transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(attn.k_proj(x).view(B, T, K, D).transpose(1, 2), cos, sin)  # (B, K, T, D)
+        q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = attn.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if not isinstance(rope, Positions):
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         blocks = []
         for start in range(0, T, D):  # D one-hot value columns at a time (the output has D channels)
             width = min(D, T - start)
             v = torch.zeros(B, K, T, D, dtype=q.dtype)  # (B, K, S, D): key s carries a 1 in channel s - start
             v[:, :, start:start + width, :width] = torch.eye(width, dtype=q.dtype)
-            blocks.append(reference_attention(q, k, v, mask)[..., :width])  # (B, H, T, width)
+            y = rope.attend(q, k, v, mask, reference_attention) if isinstance(rope, Positions) \
+                else reference_attention(q, k, v, mask)  # (B, H, T, D)
+            blocks.append(y[..., :width])  # (B, H, T, width)
         captured.append(torch.cat(blocks, dim=-1))  # (B, H, T, S)
 
     hooks = [layer.self_attn.register_forward_pre_hook(read) for layer in model.layers]

@@ -40,9 +40,9 @@ class PostNorm(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x, cos, sin, mask, cache=None, i=0):
+    def forward(self, x, rope, mask, cache=None, i=0, router_logits=None):
         block = self.layer
-        x = block.input_layernorm(x + block.self_attn(x, cos, sin, mask, cache, i))
+        x = block.input_layernorm(x + block.self_attn(x, rope, mask, cache, i))
         return block.post_attention_layernorm(x + block.mlp(x))
 
 
@@ -55,9 +55,9 @@ class SandwichNorm(nn.Module):
         self.layer = layer
         self.attn_out_norm, self.mlp_out_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, i=0):
+    def forward(self, x, rope, mask, cache=None, i=0, router_logits=None):
         block = self.layer
-        x = x + self.attn_out_norm(block.self_attn(block.input_layernorm(x), cos, sin, mask, cache, i))
+        x = x + self.attn_out_norm(block.self_attn(block.input_layernorm(x), rope, mask, cache, i))
         return x + self.mlp_out_norm(block.mlp(block.post_attention_layernorm(x)))
 
 

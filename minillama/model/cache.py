@@ -9,9 +9,9 @@ Its whole API, used by the model and the generator; nothing else touches its fie
     advance(new)                   after all layers ran: the new tokens are now past
     keep_rows(index)               drop finished rows of a batch
     reset()                        empty it for reuse
-and, read-only, `length`, `max_len`, `device`, `nbytes`, `past_mask()` and `next_positions`.
-Another layout (paged blocks, a rolling window with attention sinks, model/mla.py's latents) is another
-class with this API.
+and, read-only, `length`, `max_len`, `device`, `nbytes`, `past_mask()`, `next_positions` and
+`moves_positions`. Another layout (paged blocks, model/mla.py's latents) is another class with this API:
+SinkCache below keeps the first tokens and a rolling window.
 """
 
 import torch
@@ -22,6 +22,8 @@ from minillama.config import ModelConfig
 class KVCache:
     """Keys and values of every layer, (B, K, S_max, D) each; all rows advance together (left padding
     keeps them aligned), so one `length` counts the filled slots of every row."""
+
+    moves_positions = False  # a token keeps its position: keys may be cached rotated
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         self._k, self._v = self._allocate(config, batch_size, max_len, device, dtype)
@@ -88,3 +90,81 @@ class KVCache:
         self._mask.zero_()
         self._positions.zero_()
         self._length = 0
+
+
+class SinkCache:
+    """StreamingLLM's bounded cache (Xiao et al. 2023, arXiv:2309.17453): each row keeps its first
+    `sink_tokens` real tokens, on which attention piles up whatever it does not need elsewhere (the
+    "attention sinks"), and the `window` most recent slots; older ones leave once all layers wrote a step.
+    A new token attends to the sinks, the window and the tokens of its own step: a long prompt is
+    prefilled whole, then trimmed.
+
+    Positions are slots within the cache, as the paper assigns them, so they stay at most
+    sink_tokens + window (+ the step's tokens) however long generation runs: when a token leaves, those
+    after it move one position down. Keys are therefore cached as projected and rotated at attention
+    time (model/positions.py).
+    """
+
+    moves_positions = True
+
+    def __init__(self, config: ModelConfig, batch_size: int, sink_tokens: int, window: int, device=None,
+                 dtype=torch.float32):
+        empty = torch.zeros(batch_size, config.n_kv_heads, 0, config.head_dim, device=device, dtype=dtype)
+        self._k = [empty] * config.n_layers  # (B, K, S, D) each, S <= max_len between steps
+        self._v = [empty] * config.n_layers
+        self._mask = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)  # (B, S) real tokens
+        self.sink_tokens, self.window = sink_tokens, window
+        self.max_len = sink_tokens + window
+        self.device = empty.device
+
+    @property
+    def length(self) -> int:
+        return self._mask.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers of all layers hold now (at most sink_tokens + window slots between steps)."""
+        return sum(t.nbytes for t in self._k + self._v)
+
+    @property
+    def next_positions(self):
+        """(B,) the position of each row's next token: the real tokens the cache holds."""
+        return self._mask.sum(-1)
+
+    def past_mask(self):
+        return self._mask
+
+    def write(self, layer: int, k, v):
+        """Append the new tokens' k, v (B, K, T, D), as projected (unrotated); return all (B, K, S, D)."""
+        self._k[layer] = torch.cat([self._k[layer], k], dim=2)
+        self._v[layer] = torch.cat([self._v[layer], v], dim=2)
+        return self._k[layer], self._v[layer]
+
+    def advance(self, new):
+        self._mask = torch.cat([self._mask, new], dim=1)
+        if self.length > self.max_len:
+            keep = self._kept_slots()  # (B, max_len)
+            index = keep[:, None, :, None].expand(-1, self._k[0].shape[1], -1, self._k[0].shape[3])
+            self._k = [k.gather(2, index) for k in self._k]  # (B, K, max_len, D)
+            self._v = [v.gather(2, index) for v in self._v]
+            self._mask = self._mask.gather(1, keep)
+
+    def _kept_slots(self):
+        """(B, max_len) slot indices, ascending, of what each row keeps: its sinks (first real tokens), then
+        the newest slots; padding, which holds nothing, leaves first."""
+        S = self.length
+        rank = self._mask.long().cumsum(-1)  # (B, S) 1 for the first real token
+        sink = self._mask & (rank <= self.sink_tokens)
+        slot = torch.arange(S, device=self.device)
+        priority = torch.where(sink, 2 * S, torch.where(self._mask, S, 0)) + slot  # (B, S)
+        return priority.topk(self.max_len, dim=-1).indices.sort(dim=-1).values
+
+    def keep_rows(self, index):
+        self._k = [k[index] for k in self._k]
+        self._v = [v[index] for v in self._v]
+        self._mask = self._mask[index]
+
+    def reset(self):
+        self._k = [k[:, :, :0] for k in self._k]
+        self._v = [v[:, :, :0] for v in self._v]
+        self._mask = self._mask[:, :0]

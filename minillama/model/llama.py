@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillama.config import ModelConfig
-from minillama.model.cache import KVCache
-from minillama.model.rope import apply_rope, rope_tables
+from minillama.config import ModelConfig, UserError
+from minillama.model.cache import KVCache, SinkCache
+from minillama.model.positions import Positions
+from minillama.model.rope import apply_rope, fixed_rotation, rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -46,20 +47,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * D, C, bias=False)
         self.use_sdpa = True  # False selects reference_attention; a test shows they agree
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x (B, T, C); cos/sin (B, 1, T, D); mask (B, 1, T, S) bool, True = may attend, or None = causal."""
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        """x (B, T, C); rope: (cos, sin) (B, 1, T, D) of the new tokens, or a Positions that places queries
+        and keys at attention time; mask (B, 1, T, S) bool, True = may attend, or None = causal."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attend = scaled_dot_product_attention if self.use_sdpa else reference_attention
-        if hasattr(cache, "attend"):  # a paged cache stores k, v in its blocks and attends row by row
-            y = cache.attend(layer, q, k, v, mask, attend)  # (B, H, T, D)
-        else:
+        if isinstance(rope, Positions):  # the cache holds keys as projected (model/positions.py)
             if cache is not None:
-                k, v = cache.write(layer, k, v)  # (B, K, S, D): the past and the new
-            y = attend(q, k, v, mask)  # (B, H, T, D)
+                k, v = cache.write(layer, k, v)
+            y = rope.attend(q, k, v, mask, attend)
+        else:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if hasattr(cache, "attend"):  # a paged cache stores k, v in its blocks and attends row by row
+                y = cache.attend(layer, q, k, v, mask, attend)  # (B, H, T, D)
+            else:
+                if cache is not None:
+                    k, v = cache.write(layer, k, v)  # (B, K, S, D): the past and the new
+                y = attend(q, k, v, mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
         return self.o_proj(y)
 
@@ -70,6 +77,7 @@ def reference_attention(q, k, v, mask, scale=None):
 
     q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv). Query heads are grouped onto their kv head with a view,
     (B, K, G, T, D) against (B, K, 1, S, D), so GQA/MQA share keys and values without copying them.
+    mask: (B, 1, T, S) bool, or (B, H, T, S) float added to the scores (ALiBi), as SDPA takes them.
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
@@ -77,8 +85,10 @@ def reference_attention(q, k, v, mask, scale=None):
     scores = q @ k.unsqueeze(2).transpose(-1, -2) * (scale or 1 / math.sqrt(D))  # (B, K, G, T, S)
     if mask is None:  # plain causal
         mask = attention_mask_of(torch.ones(1, S, dtype=torch.bool, device=q.device), T)  # (1, 1, T, S)
-    mask = mask.unsqueeze(1)  # (B, 1, 1, T, S)
-    scores = scores.float().masked_fill(~mask, float("-inf"))
+    if mask.dtype.is_floating_point:
+        scores = scores.float() + mask.view(B, K, H // K, T, S)
+    else:
+        scores = scores.float().masked_fill(~mask.unsqueeze(1), float("-inf"))  # mask (B, 1, 1, T, S)
     weights = scores.softmax(dim=-1).to(q.dtype)
     y = weights @ v.unsqueeze(2)  # (B, K, G, T, Dv)
     return y.view(B, H, T, -1)
@@ -120,8 +130,10 @@ class DecoderLayer(nn.Module):
         self.sparse = config.is_moe_layer(layer)
         self.mlp = MoE(config) if self.sparse else MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, router_logits=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, rope, mask, cache=None, layer=0, router_logits=None):
+        """rope: (cos, sin) (B, 1, T, D) or a Positions (llama.Attention); router_logits: a list the MoE
+        layers append their router's logits to (training's load-balancing loss), or None."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, router_logits) if self.sparse else self.mlp(h))
 
@@ -135,6 +147,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.fixed_rotation = fixed_rotation(config)  # False: keys placed at attention time (positions.py)
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -154,30 +167,36 @@ class LlamaModel(nn.Module):
                 raise ValueError("a (B, 1, T, T) attention mask is for whole sequences, without a KV cache")
             mask = attention_mask.bool()  # (B, 1, T, T)
             # a token's rotary position = the keys it sees - 1: each packed example starts at position 0
+            if not self.fixed_rotation:
+                raise ValueError("packed examples need a fixed rotation (RoPE, static scaling), not "
+                                 f"{self.config.rope_scaling or self.config.position_encoding}")
             positions = mask[:, 0].sum(-1) - 1  # (B, T)
-            return self._layers(input_ids, mask, positions, None, router_logits)
+            rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, D) each
+            return self._layers(input_ids, mask, rope, None, router_logits)
         new = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
             else attention_mask.bool()  # (B, T)
         past = cache.past_mask() if cache is not None else new[:, :0]  # (B, P)
-        start = cache.next_positions if cache is not None else torch.zeros(B, dtype=torch.long, device=new.device)
-        positions = rotary_positions(new, start)  # (B, T)
         window = self.config.sliding_window
         # no padding, no past, no window in reach: the fused kernel's own causal mask is fastest. Only
         # shapes decide, never the mask's values, so torch.compile sees no data-dependent branch
         plain = attention_mask is None and past.shape[1] == 0 and (window is None or T <= window)
+        if self.fixed_rotation and not (cache is not None and cache.moves_positions):
+            start = cache.next_positions if cache is not None else torch.zeros(B, dtype=torch.long, device=new.device)
+            positions = rotary_positions(new, start)  # (B, T)
+            rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, D) each
+        else:  # ALiBi, ReRoPE, frequencies that depend on the length, a cache that moves positions
+            rope, plain = Positions(self.config, torch.cat([past, new], dim=1), T), False
         mask = None if plain else attention_mask_of(torch.cat([past, new], dim=1), T, window)  # (B, 1, T, S)
-        x = self._layers(input_ids, mask, positions, cache, router_logits)
+        x = self._layers(input_ids, mask, rope, cache, router_logits)
         if cache is not None:
             cache.advance(new)
         return x
 
-    def _layers(self, input_ids, mask, positions, cache, router_logits):
-        """The embedding, every decoder layer and the final norm, given the mask and rotary positions."""
-        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D)
-        sin = self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, D)
+    def _layers(self, input_ids, mask, rope, cache, router_logits):
+        """The embedding, every decoder layer and the final norm, given the mask and the rotation."""
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, router_logits)
+            x = layer(x, rope, mask, cache, i, router_logits)
         return self.norm(x)
 
 
@@ -242,14 +261,24 @@ class Llama(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty KV cache for this model, on its device, in the dtype of its activations (the norms');
-        latent attention keeps its own layout (mla.LatentCache) behind the same API."""
+    def new_cache(self, batch_size: int, max_len: int, window: int | None = None, sink_tokens: int = 0):
+        """An empty KV cache for this model, on its device, in the dtype of its activations (the norms'): a
+        KVCache of max_len slots (latent attention: its own layout, mla.LatentCache, behind the same API),
+        or with `window`, a SinkCache of sink_tokens + window slots whatever max_len."""
         from minillama.model.mla import LatentCache
 
         norm = self.model.norm.weight  # (matmul weights may be bf16 or quantized; the norms never are)
-        kind = KVCache if self.config.kv_lora_rank is None else LatentCache
-        return kind(self.config, batch_size, max_len, norm.device, norm.dtype)
+        if window is None:
+            kind = KVCache if self.config.kv_lora_rank is None else LatentCache
+            return kind(self.config, batch_size, max_len, norm.device, norm.dtype)
+        if self.config.kv_lora_rank is not None:
+            raise UserError("--window (a SinkCache) is not supported with latent attention (kv_lora_rank): "
+                            "its cache keeps rotated latent rows")
+        if sink_tokens + window >= self.config.max_seq_len:  # the new token comes after them
+            raise UserError(f"sink tokens ({sink_tokens}) + window ({window}) leave no room in the model's context "
+                            f"of {self.config.max_seq_len} tokens: use a window below "
+                            f"{self.config.max_seq_len - sink_tokens}")
+        return SinkCache(self.config, batch_size, sink_tokens, window, norm.device, norm.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):

@@ -54,9 +54,12 @@ class LatentAttention(nn.Module):
         self.use_sdpa = True  # False selects reference_attention
         self.absorb = None  # True/False forces a form; None: the one with fewer FLOPs for the shapes at hand
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        """x (B, T, C); cos/sin (B, 1, T, Dr); mask (B, 1, T, S) bool, True = may attend, or None = causal."""
+    def forward(self, x, rope, mask, cache=None, layer=0):
+        """x (B, T, C); rope: (cos, sin) (B, 1, T, Dr), never a Positions (the config refuses position
+        encodings that place keys at attention time: the cache keeps them rotated in the latent rows);
+        mask (B, 1, T, S) bool, True = may attend, or None = causal."""
         B, T, _ = x.shape
+        cos, sin = rope
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.low_rank_q else self.q_proj(x)
         q = q.view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, H, T, Dn + Dr)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)

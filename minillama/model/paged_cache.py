@@ -102,6 +102,8 @@ class PagedKVCache:
     model as right-aligned in `length` = the longest past (shorter rows padded in front, past_mask False
     there), so the model's masks and rotary positions come out as for the simple cache."""
 
+    moves_positions = False  # a token keeps its position: keys are stored rotated (model/cache.py)
+
     def __init__(self, pool: BlockPool, rows: list[PagedRow]):
         self.pool, self.rows = pool, list(rows)
         self.device = pool.device

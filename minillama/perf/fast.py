@@ -141,19 +141,24 @@ class FastDecoderLayer(DecoderLayer):
     """A DecoderLayer whose decode steps (one new token per row, up to kernels.MAX_ROWS rows, fp32) run as
     three C++ calls around the cache write, instead of ~70 PyTorch ops whose dispatch costs more than
     reading the layer's weights: attn_in (norm, q/k/v, rotary), attn_out (attention over the cache, o_proj,
-    residual), mlp (norm, SwiGLU, residual). Any other call is DecoderLayer.forward, the reference.
-    Only layers of llama.Attention and a dense MLP become one (make_fast): latent attention and experts
-    keep the reference forward."""
+    residual), mlp (norm, SwiGLU, residual). Any other call is DecoderLayer.forward, the reference: among
+    them every position encoding placed at attention time (rope a Positions: ALiBi, ReRoPE, dynamic NTK,
+    a SinkCache), since attn_in rotates keys once, before the cache keeps them. Only layers of
+    llama.Attention and a dense MLP become one (make_fast): latent attention and experts keep the
+    reference forward."""
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, router_logits=None):
+    def forward(self, x, rope, mask, cache=None, layer=0, router_logits=None):
         attn, mlp = self.self_attn, self.mlp
         B, T, C = x.shape
         parts = [raw(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                                   mlp.down_proj)]
-        if cache is None or T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32 or None in parts \
+        # keys rotated once, before any cache (a KVCache, or serve's PagedKVCache through its write) keeps them
+        fixed = isinstance(rope, tuple) and cache is not None and (mask is None or mask.dtype == torch.bool)
+        if not fixed or T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32 or None in parts \
                 or type(attn) is not Attention or not kernels.available() or attn.o_proj.bias is not None \
                 or any(n % 32 for n in (C, attn.o_proj.in_features, mlp.down_proj.in_features)):
-            return super().forward(x, cos, sin, mask, cache, layer, router_logits)
+            return super().forward(x, rope, mask, cache, layer, router_logits)
+        cos, sin = rope  # (B, 1, 1, D) each
         H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
         ext = kernels.module()
         x2 = x.reshape(B, C)  # (B, C): one token per row
