@@ -340,52 +340,6 @@ class TrainConfig:
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
-class FinetuneConfig(TrainConfig):
-    """Everything `minillama finetune` takes: TrainConfig's loop and optimizer fields (a few defaults
-    differ), a base checkpoint instead of a preset and a corpus, and fine-tuning's own fields."""
-    base: str = option("", "checkpoint to start from: anything load_model reads, or smollm2", cli=False)
-    data: str = option("", "sft: .jsonl of {\"messages\": [...]} or {\"prompt\", \"completion\"}, or a "
-                           "labelled corpus; classify: a labelled corpus (bbc-news, a folder per label, .jsonl "
-                           "with text and label)", required=True)
-    task: str = option("sft", "sft: loss on the assistant's tokens; classify: a score head on the last token",
-                       choices=["sft", "classify"])
-    lora: int | None = option(None, "LoRA rank R: train low-rank adapters on the frozen base (default: train "
-                                    "every weight)")
-    lora_alpha: float = option(16.0, "LoRA scale: the update is alpha / R x B A")
-    lora_dropout: float = option(0.05, "dropout on the input of the LoRA path")
-    lora_targets: list[str] = option(list(LORA_TARGETS), "the decoder's linears that get LoRA", nargs="+")
-    lora_layers: int | None = option(None, "LoRA on the last N decoder layers only (default all): the backward "
-                                           "pass stops below them, a faster fine-tune on a CPU")
-    pack: bool = option(False, "sft: pack several examples into a row; attention stays inside each one")
-    on_bad_line: str = option("stop", "an example that is not JSON, has no assistant turn or is longer than "
-                                      "--seq-len: stop there, or skip it with a warning", choices=["stop", "skip"])
-    test_fraction: float = option(0.2, "labelled data: examples held out for the test split (stratified)")
-    # pretraining's defaults that fine-tuning changes
-    seq_len: int = option(512, "T: the longest example in tokens (classify: longer texts are cut to fit)")
-    batch_size: int = option(8, "B: examples (or packed rows) per optimizer step, over all processes")
-    lr: float = option(2e-4, "peak learning rate (LoRA; full fine-tuning usually wants ~2e-5)")
-    eval_every: int = option(50, "validation loss every N steps")
-    val_fraction: float = option(0.1, "examples held out for validation")
-
-    def check_source(self) -> None:
-        if not self.base:
-            raise UserError("no base model: give BASE (a checkpoint folder, a .gguf, or smollm2)")
-        if not self.data:
-            raise UserError("no data: give --data FILE or a labelled corpus")
-        if self.lora is not None and (self.lora <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
-            raise UserError("--lora must be a positive rank, --lora-alpha positive, --lora-dropout in [0, 1)")
-        if self.lora_layers is not None and (self.lora is None or self.lora_layers <= 0):
-            raise UserError("--lora-layers N takes a positive N, with --lora R")
-        fractions = (self.val_fraction, self.test_fraction)
-        if not (all(0 < f < 1 for f in fractions) and sum(fractions) < 1):
-            raise UserError("--val-fraction and --test-fraction must be in (0, 1) and leave training examples")
-        if self.pack and self.task != "sft":
-            raise UserError("--pack is for --task sft (a classifier reads one text per row)")
-        if self.fsdp:
-            raise UserError("finetune does not shard with --fsdp yet: run torchrun without it (DDP)")
-
-
 def parse_duration(text: str) -> float:
     """'90s', '5m', '1h30m' or plain seconds -> seconds."""
     parts = re.fullmatch(r"((\d+(\.\d+)?)([hms]?))+", text.strip())
@@ -431,24 +385,3 @@ class GenerationConfig:
                 raise UserError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if any(s == "" for s in self.stop_strings):
             raise UserError("stop strings must not be empty")
-
-
-# ---- serving ----
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """What `minillama serve` takes besides the model."""
-    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
-    port: int = option(8000, "port to listen on")
-    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/ (default $MINILLAMA_API_KEY)")
-    model_name: str | None = option(None, "the model id clients send and /v1/models lists (default: the file name)")
-    max_tokens: int = option(1024, "answer length for a request without max_tokens (the context caps it)")
-    kv_cache_mb: float = option(1024.0, "memory of the paged KV cache that all requests share, MB")
-    max_running: int = option(32, "requests generating at once; more wait in the queue")
-    max_queue: int = option(64, "requests waiting at most; more are answered 429")
-    max_body_kb: int = option(1024, "largest request body, KB; larger are answered 413")
-
-    def __post_init__(self):
-        for name in ("port", "max_tokens", "kv_cache_mb", "max_running", "max_queue", "max_body_kb"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")

@@ -14,10 +14,10 @@ import torch
 
 from minillama.checkpoint import save_model
 from minillama.cli import main
-from minillama.config import FinetuneConfig, preset
+from minillama.config import preset
 from minillama.model import Llama
 from minillama.tokenizer import load_tokenizer
-from minillama.train.finetune import finetune
+from minillama.train.finetune import FinetuneConfig, finetune
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from minillama.config import ModelConfig, ServeConfig
+from minillama.config import ModelConfig
+from minillama.serve.app import ServeConfig
 from test_engine import ascii_stop
 from test_generate import byte_tokenizer
 

@@ -42,7 +42,7 @@ def test_chat_page_streams_stops_and_keeps_the_conversation(tmp_path):
     from playwright.sync_api import sync_playwright
 
     from minillama.checkpoint import load_model_and_tokenizer
-    from minillama.config import ServeConfig
+    from minillama.serve.app import ServeConfig
     from minillama.infer.engine import Engine
     from minillama.serve.app import create_app
 

@@ -17,12 +17,20 @@ import asyncio
 import hmac
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from minillama.config import ServeConfig, UserError
+from minillama.config import UserError, option
 from minillama.infer.engine import QueueFull
-from minillama.serve.protocol import (ApiError, ChatRequest, CompletionRequest, Shaper, chat_prompt,
-                                      completion_prompt, engine_request)
+from minillama.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Shaper,
+    chat_prompt,
+    completion_prompt,
+    engine_request,
+)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -80,6 +88,25 @@ class Guard:
             return {"type": "http.request", "body": b"".join(body), "more_body": False}
 
         await self.app(scope, replay, counted)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `minillama serve` takes besides the model."""
+    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = option(8000, "port to listen on")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/ (default $MINILLAMA_API_KEY)")
+    model_name: str | None = option(None, "the model id clients send and /v1/models lists (default: the file name)")
+    max_tokens: int = option(1024, "answer length for a request without max_tokens (the context caps it)")
+    kv_cache_mb: float = option(1024.0, "memory of the paged KV cache that all requests share, MB")
+    max_running: int = option(32, "requests generating at once; more wait in the queue")
+    max_queue: int = option(64, "requests waiting at most; more are answered 429")
+    max_body_kb: int = option(1024, "largest request body, KB; larger are answered 413")
+
+    def __post_init__(self):
+        for name in ("port", "max_tokens", "kv_cache_mb", "max_running", "max_queue", "max_body_kb"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)!r}")
 
 
 def create_app(config: ServeConfig, model_id: str, engine=None):
