@@ -26,13 +26,7 @@ POOLS = {"sport": "goal match team score coach league player win cup run ball fi
          "food": "bread cheese soup recipe oven salt spice dinner pasta fruit cake kitchen"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread does not wait on another process's core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -150,12 +150,13 @@ class FastDecoderLayer(DecoderLayer):
     def forward(self, x, rope, mask, cache=None, layer=0, router_logits=None):
         attn, mlp = self.self_attn, self.mlp
         B, T, C = x.shape
-        parts = [raw(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                                  mlp.down_proj)]
         # keys rotated once, before any cache (a KVCache, or serve's PagedKVCache through its write) keeps them
         fixed = isinstance(rope, tuple) and cache is not None and (mask is None or mask.dtype == torch.bool)
-        if not fixed or T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32 or None in parts \
-                or type(attn) is not Attention or not kernels.available() or attn.o_proj.bias is not None \
+        if not fixed or T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32:  # prefill: no weights looked at
+            return super().forward(x, rope, mask, cache, layer, router_logits)
+        parts = [raw(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                                  mlp.down_proj)]
+        if None in parts or type(attn) is not Attention or not kernels.available() or attn.o_proj.bias is not None \
                 or any(n % 32 for n in (C, attn.o_proj.in_features, mlp.down_proj.in_features)):
             return super().forward(x, rope, mask, cache, layer, router_logits)
         cos, sin = rope  # (B, 1, 1, D) each
