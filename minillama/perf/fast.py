@@ -139,42 +139,59 @@ def raw(linear) -> tuple | None:
 
 class FastDecoderLayer(DecoderLayer):
     """A DecoderLayer whose decode steps (one new token per row, up to kernels.MAX_ROWS rows, fp32) run as
-    three C++ calls around the cache write, instead of ~70 PyTorch ops whose dispatch costs more than
-    reading the layer's weights: attn_in (norm, q/k/v, rotary), attn_out (attention over the cache, o_proj,
-    residual), mlp (norm, SwiGLU, residual). Any other call is DecoderLayer.forward, the reference: among
+    two C++ calls around the cache write, instead of ~70 PyTorch ops whose dispatch costs more than
+    reading the layer's weights: attn_in (norm, q/k/v, rotary), then layer_out (attention over the cache,
+    o_proj, residual; norm, SwiGLU, residual). Any other call is DecoderLayer.forward, the reference: among
     them every position encoding placed at attention time (rope a Positions: ALiBi, ReRoPE, dynamic NTK,
     a SinkCache), since attn_in rotates keys once, before the cache keeps them. Only layers of
     llama.Attention and a dense MLP become one (make_fast): latent attention and experts keep the
     reference forward."""
 
-    def forward(self, x, rope, mask, cache=None, layer=0, router_logits=None):
+    def _plan(self):
+        """The step's fixed arguments (weights as the kernels read them, formats, sizes), looked up once:
+        Python attribute lookups cost ~80 us a layer, as much as its attention. Rebuilt when a projection
+        or its storage changes (LoRA applied, weights cast); None when the kernels cannot read one."""
         attn, mlp = self.self_attn, self.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        parts = [raw(m) for m in linears]
+        key = tuple((m, w.data_ptr()) for m, (w, _) in zip(linears, parts) if w is not None) if None not in parts \
+            else None
+        plan = self.__dict__.get("_decode_plan")
+        if plan is not None and plan[0] == key:
+            return plan[1]
+        C = attn.q_proj.in_features
+        usable = key is not None and kernels.available() and attn.o_proj.bias is None \
+            and not any(n % 32 for n in (C, attn.o_proj.in_features, mlp.down_proj.in_features))
+        args = None
+        if usable:
+            H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+            kinds = [kernels.KINDS[k] for _, k in parts]
+            weights = [w for w, _ in parts]
+            bias = [m.bias.detach() if m.bias is not None else torch.empty(0) for m in linears[:3]]
+            norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+            args = dict(sizes=[H * D, K * D, K * D], heads=(H, K, D),
+                        attn_in=(norm1.weight.detach(), norm1.eps, weights[:3], kinds[:3], [H * D, K * D, K * D], bias),
+                        out=(weights[3], kinds[3], H, norm2.weight.detach(), norm2.eps, weights[4:], kinds[4:],
+                             [mlp.gate_proj.out_features, mlp.up_proj.out_features, C]))
+        self.__dict__["_decode_plan"] = (key, args)  # a plain attribute: not a submodule, not in state_dict
+        return args
+
+    def forward(self, x, rope, mask, cache=None, layer=0, router_logits=None):
         B, T, C = x.shape
         # keys rotated once, before any cache (a KVCache, or serve's PagedKVCache through its write) keeps them
         fixed = isinstance(rope, tuple) and cache is not None and (mask is None or mask.dtype == torch.bool)
-        if not fixed or T != 1 or B > kernels.MAX_ROWS or x.dtype != torch.float32:  # prefill: no weights looked at
-            return super().forward(x, rope, mask, cache, layer, router_logits)
-        parts = [raw(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                                  mlp.down_proj)]
-        if None in parts or type(attn) is not Attention or not kernels.available() or attn.o_proj.bias is not None \
-                or any(n % 32 for n in (C, attn.o_proj.in_features, mlp.down_proj.in_features)):
+        plan = self._plan() if fixed and T == 1 and B <= kernels.MAX_ROWS and x.dtype == torch.float32 else None
+        if plan is None:  # prefill, or weights the kernels do not read
             return super().forward(x, rope, mask, cache, layer, router_logits)
         cos, sin = rope  # (B, 1, 1, D) each
-        H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        H, K, D = plan["heads"]
         ext = kernels.module()
         x2 = x.reshape(B, C)  # (B, C): one token per row
-        bias = [m.bias if m.bias is not None else torch.empty(0) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        qkv = ext.attn_in(x2, self.input_layernorm.weight, self.input_layernorm.eps, [w for w, _ in parts[:3]],
-                          [kernels.KINDS[k] for _, k in parts[:3]], [H * D, K * D, K * D], bias,
-                          cos.reshape(B, D), sin.reshape(B, D))  # (B, (H + 2K)·D)
-        q, k, v = qkv.split([H * D, K * D, K * D], dim=1)
+        qkv = ext.attn_in(x2, *plan["attn_in"], cos.reshape(B, D), sin.reshape(B, D))  # (B, (H + 2K)·D)
+        q, k, v = qkv.split(plan["sizes"], dim=1)
         k, v = cache.write(layer, k.reshape(B, K, 1, D), v.reshape(B, K, 1, D))  # (B, K, S, D)
-        keys = mask.reshape(B, -1) if mask is not None else torch.empty(0, dtype=torch.bool)  # (B, S)
-        x2 = ext.attn_out(x2, q.contiguous(), k, v, keys.contiguous(), parts[3][0], kernels.KINDS[parts[3][1]], H)
-        x2 = ext.mlp(x2, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
-                     [w for w, _ in parts[4:]], [kernels.KINDS[k] for _, k in parts[4:]], [mlp.gate_proj.out_features,
-                                                                                         mlp.up_proj.out_features, C])
-        return x2.view(B, 1, C)
+        keys = mask.reshape(B, -1).contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)  # (B, S)
+        return ext.layer_out(x2, q.contiguous(), k, v, keys, *plan["out"]).view(B, 1, C)
 
 
 def make_fast(model: nn.Module) -> nn.Module:

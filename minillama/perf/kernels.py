@@ -17,8 +17,10 @@ accumulation:
   rows_q4_1  GGUF Q4_1 blocks (20 bytes: fp16 d, fp16 m, 16 bytes):      w = d·q + m
   (llama.cpp's ggml-common.h; in a block, byte j's low nibble is weight j, its high nibble weight j + 16)
 
-The block kernels read the bytes as the .gguf file stores them (memory-mapped, never repacked) and are
-exact up to fp32 summation order against the dequantized weights. Built once with the system's C++
+The block kernels read the bytes as the .gguf file stores them (memory-mapped, never repacked). Float
+and Q8_0 weights are exact up to fp32 summation order against the dequantized weights; Q4 weights, on a
+CPU with AVX512-VNNI, meet activations held as integers, two int8 parts per value (~15 bits; 1.3x
+faster; `round_activations` is that rounding in torch, the tests' reference). Built once with the system's C++
 compiler into the cache folder; `available()` is False when that fails, and callers fall back to torch.
 """
 
@@ -46,6 +48,9 @@ typedef uint16_t vh __attribute__((vector_size(32)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 
 static inline float sum16(vf v) {  // a tree of adds, not a chain of 16
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps((__m512)v);  // in registers (shuffles), not through memory
+#endif
   float s[16]; std::memcpy(s, &v, 64);
   for (int w = 8; w > 0; w /= 2) for (int k = 0; k < w; k++) s[k] += s[k + w];
   return s[0];
@@ -118,9 +123,117 @@ static void rows(const float* x, const uint8_t* w, int64_t row_bytes, float* y, 
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define INT8_DOTS 1
+// Q4 weights meet activations held as integers: 64 products of a 4-bit weight and an int8 per vpdpbusd
+// instruction instead of 16 fp32 FMAs after a table lookup. llama.cpp rounds each block of 32 activations
+// to int8 (d = max|x| / 127); on SmolLM2, whose residual stream holds a few huge channels, that alone
+// turns "The capital of France is Paris." into "L'Étoile, la Marseillaise, ..." (llama.cpp answers the
+// same). So the rounding error is rounded again: x ≈ d·(q1 + q2/254), q1 = round(x/d), q2 = round((x -
+// d·q1)·254/d), two int8 dots per block pair, about 15 bits, logits within ~1e-3 of fp32 activations.
+// 1.25-1.3x the weights per second of the fp32 table kernel (one Zen 5 thread, 576 x 98k and 1536 x 30k:
+// 15 -> 19 Gw/s; one rounding alone reached 21). Q8_0 and float weights keep fp32 activations.
+//
+// Blocks go in pairs (b0, b1), laid out so that one 64-byte load meets the weights' nibbles as they unpack
+// (low nibbles = weights 0-15, high = 16-31): [b0 x0-15 | b1 x0-15 | b0 x16-31 | b1 x16-31]. vpdpbusd's
+// 16 int32 sums then belong to b0 (lanes 0-3, 8-11) and b1 (4-7, 12-15): each lane's block scale d and
+// Σx̂ / 8 (the zero point's share; 8 lanes per block) are stored per lane.
+struct Int8Rows {
+  int64_t pairs = 0;
+  std::vector<int8_t> q1, q2;  // (M, pairs · 64) each
+  std::vector<float> d;        // (M, pairs · 16)
+  std::vector<float> s;        // (M, pairs · 16)
+};
+
+static Int8Rows int8_rows(const float* X, int64_t M, int64_t K) {
+  Int8Rows a;
+  a.pairs = K / 64;  // an odd last block stays fp32 (rows_int8)
+  a.q1.assign(M * a.pairs * 64, 0); a.q2.assign(M * a.pairs * 64, 0);
+  a.d.assign(M * a.pairs * 16, 0.f); a.s.assign(M * a.pairs * 16, 0.f);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t b = 0; b < 2 * a.pairs; b++) {
+      const float* x = X + m * K + 32 * b;
+      float big = 0, sum = 0;  // sum: of the rounded values, so that the kernel is exactly Σ w·x̂
+      for (int i = 0; i < 32; i++) big = std::max(big, std::fabs(x[i]));
+      const float d = big / 127, inv = d > 0 ? 1 / d : 0;
+      const int64_t p = b / 2, half = b % 2;
+      for (int i = 0; i < 32; i++) {
+        const float q1 = std::nearbyint(x[i] * inv), q2 = std::nearbyint(std::fma(-q1, d, x[i]) * inv * 254);
+        const int64_t at = (m * a.pairs + p) * 64 + (i < 16 ? 0 : 32) + 16 * half + i % 16;
+        a.q1[at] = (int8_t)q1; a.q2[at] = (int8_t)q2;
+        sum += d * (q1 + q2 / 254);
+      }
+      for (int lane = 0; lane < 4; lane++)
+        for (int upper = 0; upper < 2; upper++) {
+          const int64_t at = (m * a.pairs + p) * 16 + 8 * upper + 4 * half + lane;
+          a.d[at] = d; a.s[at] = sum / 8;
+        }
+    }
+  return a;
+}
+
+// rows() for Q4_0 / Q4_1 weights and integer activations: w = d·q + m per block (Q4_0: m = -8·d), so
+// Σ w·x̂ = d·dx·(Σ q·q1 + Σ q·q2 / 254) + m·Σ x̂.
+template <int M, int KIND>
+static void rows_int8(const Int8Rows& a, const float* x, const uint8_t* w, int64_t row_bytes, float* y,
+                      int64_t ldy, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t B = KIND == Q4_0 ? 18 : 20, head = B - 16;  // bytes per block, of which d (and m) first
+  const __m512i lanes_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
+  const __m512i lanes_m = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3);
+  const __m256i low = _mm256_set1_epi8(15);
+  const __m512 fine = _mm512_set1_ps(1.f / 254);
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* r = w + n * row_bytes;
+    __m512 acc[M], zero[M];  // two chains of adds: the scaled products, the zero points' share
+    for (int m = 0; m < M; m++) { acc[m] = _mm512_setzero_ps(); zero[m] = _mm512_setzero_ps(); }
+    for (int64_t p = 0; p < a.pairs; p++) {
+      const uint8_t* k0 = r + 2 * p * B; const uint8_t* k1 = k0 + B;
+      uint32_t h0 = 0, h1 = 0; std::memcpy(&h0, k0, head); std::memcpy(&h1, k1, head);
+      __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)h0), (int)h1, 1));  // (d0, m0, d1, m1)
+      if (KIND == Q4_0) dm = _mm_mul_ps(_mm_moveldup_ps(dm), _mm_setr_ps(1, -8, 1, -8));  // m = -8·d
+      const __m512 dm16 = _mm512_broadcast_f32x4(dm);
+      const __m512 d = _mm512_permutexvar_ps(lanes_d, dm16), mins = _mm512_permutexvar_ps(lanes_m, dm16);
+      const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(k0 + head))),
+                                                _mm_loadu_si128((const __m128i*)(k1 + head)), 1);  // (b0, b1) nibbles
+      const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, low)),
+                                            _mm256_and_si256(_mm256_srli_epi16(q, 4), low), 1);
+      for (int m = 0; m < M; m++) {
+        const int64_t at = m * a.pairs + p;
+        const __m512i dot1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, _mm512_loadu_si512(&a.q1[at * 64]));
+        const __m512i dot2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, _mm512_loadu_si512(&a.q2[at * 64]));
+        const __m512 dots = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2), fine, _mm512_cvtepi32_ps(dot1));
+        acc[m] = _mm512_fmadd_ps(d, _mm512_mul_ps(dots, _mm512_loadu_ps(&a.d[at * 16])), acc[m]);
+        zero[m] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(&a.s[at * 16]), zero[m]);
+      }
+    }
+    float tail[M] = {};
+    if ((K / 32) % 2) {  // an odd last block: dequantized, fp32
+      const int64_t b = K / 32 - 1;
+      vf w0, w1;
+      block<KIND>(r, b, w0, w1);
+      for (int m = 0; m < M; m++) tail[m] = sum16(w0 * loadf(x + m * K + 32 * b) + w1 * loadf(x + m * K + 32 * b + 16));
+    }
+    for (int m = 0; m < M; m++) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], zero[m])) + tail[m];
+  }
+}
+#else
+struct Int8Rows {};
+#endif
+
 template <int KIND>
 static void run(const float* x, const uint8_t* w, int64_t rb, float* y, int64_t ldy, int64_t M, int64_t K,
-                int64_t n0, int64_t n1) {
+                int64_t n0, int64_t n1, const Int8Rows* a) {
+#ifdef INT8_DOTS
+  if (a && (KIND == Q4_0 || KIND == Q4_1)) {
+    switch (M) {
+      case 1: rows_int8<1, KIND>(*a, x, w, rb, y, ldy, K, n0, n1); break;  case 2: rows_int8<2, KIND>(*a, x, w, rb, y, ldy, K, n0, n1); break;
+      case 3: rows_int8<3, KIND>(*a, x, w, rb, y, ldy, K, n0, n1); break;  case 4: rows_int8<4, KIND>(*a, x, w, rb, y, ldy, K, n0, n1); break;
+      case 5: rows_int8<5, KIND>(*a, x, w, rb, y, ldy, K, n0, n1); break;  case 6: rows_int8<6, KIND>(*a, x, w, rb, y, ldy, K, n0, n1); break;
+      case 7: rows_int8<7, KIND>(*a, x, w, rb, y, ldy, K, n0, n1); break;  default: rows_int8<8, KIND>(*a, x, w, rb, y, ldy, K, n0, n1);
+    }
+    return;
+  }
+#endif
   switch (M) {
     case 1: rows<1, KIND>(x, w, rb, y, ldy, K, n0, n1); break;  case 2: rows<2, KIND>(x, w, rb, y, ldy, K, n0, n1); break;
     case 3: rows<3, KIND>(x, w, rb, y, ldy, K, n0, n1); break;  case 4: rows<4, KIND>(x, w, rb, y, ldy, K, n0, n1); break;
@@ -142,6 +255,13 @@ static void matmul(const float* X, int64_t M, int64_t K, const std::vector<Mat>&
   std::vector<int64_t> start = {0};
   for (const Mat& m : mats) start.push_back(start.back() + m.N);
   const int64_t total = start.back();
+  Int8Rows int8;  // the activations as int8, when a Q4 matrix will use them
+  bool q4 = false;
+  for (const Mat& m : mats) q4 = q4 || m.kind == Q4_0 || m.kind == Q4_1;
+#ifdef INT8_DOTS
+  if (q4) int8 = int8_rows(X, M, K);
+#endif
+  const Int8Rows* a = q4 ? &int8 : nullptr;
   // at least 32 rows per task, so small matrices do not pay for waking the second thread
   at::parallel_for(0, total, 32, [&](int64_t n0, int64_t n1) {
     for (size_t i = 0; i < mats.size(); i++) {
@@ -149,11 +269,11 @@ static void matmul(const float* X, int64_t M, int64_t K, const std::vector<Mat>&
       if (lo >= hi) continue;
       const Mat& m = mats[i]; float* y = Y + start[i];
       switch (m.kind) {
-        case F32: run<F32>(X, m.w, m.rb, y, total, M, K, lo, hi); break;
-        case BF16: run<BF16>(X, m.w, m.rb, y, total, M, K, lo, hi); break;
-        case Q8_0: run<Q8_0>(X, m.w, m.rb, y, total, M, K, lo, hi); break;
-        case Q4_0: run<Q4_0>(X, m.w, m.rb, y, total, M, K, lo, hi); break;
-        default: run<Q4_1>(X, m.w, m.rb, y, total, M, K, lo, hi);
+        case F32: run<F32>(X, m.w, m.rb, y, total, M, K, lo, hi, a); break;
+        case BF16: run<BF16>(X, m.w, m.rb, y, total, M, K, lo, hi, a); break;
+        case Q8_0: run<Q8_0>(X, m.w, m.rb, y, total, M, K, lo, hi, a); break;
+        case Q4_0: run<Q4_0>(X, m.w, m.rb, y, total, M, K, lo, hi, a); break;
+        default: run<Q4_1>(X, m.w, m.rb, y, total, M, K, lo, hi, a);
       }
     }
   });
@@ -167,9 +287,9 @@ torch::Tensor linear_rows(torch::Tensor x, torch::Tensor w, int64_t kind, int64_
   return y;
 }
 
-// ---- one decoder layer's decode step in three calls (perf/fast.py FastDecoderLayer; model/llama.py is the
-// reference): attn_in (norm, q/k/v, rotary), then the cache write in Python, attn_out (attention, o_proj,
-// residual), mlp (norm, SwiGLU, residual). Rows m = one token of batch row m (T = 1).
+// ---- one decoder layer's decode step in two calls (perf/fast.py FastDecoderLayer; model/llama.py is the
+// reference): attn_in (norm, q/k/v, rotary), then the cache write in Python, then layer_out = attn_out
+// (attention, o_proj, residual) and mlp (norm, SwiGLU, residual). Rows m = one token of batch row m (T = 1).
 
 // q·k over D values: 16 lanes at a time when D allows (a scalar sum is one chain of D dependent adds)
 static inline float dot(const float* a, const float* b, int64_t D) {
@@ -177,6 +297,21 @@ static inline float dot(const float* a, const float* b, int64_t D) {
   vf s = {};
   for (int64_t d = 0; d < D; d += 16) s += loadf(a + d) * loadf(b + d);
   return sum16(s);
+}
+
+// e^x for x <= 0, 16 lanes: 2^n · e^r with n = round(x / ln 2), |r| <= ln(2)/2, Taylor to r^6 (relative
+// error < 2e-7, about an ulp); x below -87 (e^x < 1.7e-38) is taken as -87. A scalar std::exp per score
+// cost more than the rest of the attention (measured: 1.8 of 2.6 ms a SmolLM2 step at 280 cached tokens).
+static inline vf exp_neg(vf x) {
+  const vf lowest = vf{} - 87.f;
+  x = x < lowest ? lowest : x;
+  const vf shifter = vf{} + 12582912.f;  // 1.5 · 2^23: adding it rounds to an integer
+  const vf n = (x * 1.44269504f + shifter) - shifter;
+  const vf r = x - n * 0.693145752f - n * 1.42860677e-6f;  // ln 2 in two parts: r stays exact
+  const vf p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n as an fp32's exponent
+  vf scale; std::memcpy(&scale, &bits, 64);
+  return p * scale;
 }
 
 // out (D) = scale · Σ_j p[j] · v[j] over S rows of v (row stride `stride`), the sum kept in registers
@@ -261,8 +396,12 @@ torch::Tensor attn_out(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch:
         if (mk && !mk[b * S + j]) { p[j] = -INFINITY; continue; }
         p[j] = dot(qv, kb + j * k.stride(2), D) * scale; peak = std::max(peak, p[j]);
       }
+      int64_t j = 0;
+      for (; j + 16 <= S; j += 16) { const vf e = exp_neg(loadf(&p[j]) - peak); std::memcpy(&p[j], &e, 64); }
+      for (; j < S; j++) p[j] = std::exp(p[j] - peak);
+      if (mk) for (j = 0; j < S; j++) if (!mk[b * S + j]) p[j] = 0.f;  // masked: exactly 0, not e^-87
       float total = 0;
-      for (int64_t j = 0; j < S; j++) { p[j] = p[j] == -INFINITY ? 0.f : std::exp(p[j] - peak); total += p[j]; }
+      for (j = 0; j < S; j++) total += p[j];
       float* out = A + b * H * D + h * D;
       weighted_sum(p.data(), 1.f / total, vb, v.stride(2), S, D, out);
     }
@@ -288,6 +427,22 @@ torch::Tensor mlp(torch::Tensor x, torch::Tensor norm, double eps, std::vector<t
   auto y = torch::empty({M, C}, x.options());
   matmul(Ap, M, F, {mat(w[2], kind[2], C)}, y.data_ptr<float>());
   return y.add_(x);
+}
+
+// whether Q4 weights meet int8 activations (this CPU has AVX512-VNNI), or fp32 ones
+bool int8_dots() {
+#ifdef INT8_DOTS
+  return true;
+#else
+  return false;
+#endif
+}
+
+// the rest of a decode step after the cache write: mlp(attn_out(...)), one call from Python instead of two
+torch::Tensor layer_out(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask,
+                        torch::Tensor wo, int64_t kind_o, int64_t H, torch::Tensor norm, double eps,
+                        std::vector<torch::Tensor> w, std::vector<int64_t> kind, std::vector<int64_t> N) {
+  return mlp(attn_out(x, q, k, v, mask, wo, kind_o, H), norm, eps, w, kind, N);
 }
 """
 
@@ -318,7 +473,7 @@ def _build():
                 print(f"building the decode kernels with the C++ compiler (once, cached in {folder}) ...",
                       file=sys.stderr)
                 _module = load_inline("minillama_kernels", cpp_sources=SOURCE,
-                                      functions=["linear_rows", "attn_in", "attn_out", "mlp"],
+                                      functions=["linear_rows", "attn_in", "layer_out", "int8_dots"],
                                       build_directory=str(folder), extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"])  # at::parallel_for is OpenMP pragmas
         except (RuntimeError, OSError, ImportError) as e:  # no compiler, or it failed
@@ -329,7 +484,7 @@ def _build():
 
 
 def module():
-    """The built extension: linear_rows, and attn_in / attn_out / mlp for perf/fast.py's decoder layer."""
+    """The built extension: linear_rows, and attn_in / layer_out for perf/fast.py's decoder layer."""
     return _build()
 
 
@@ -343,3 +498,22 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, kind: str, out_features: 
     rows `weight` (N, row bytes or elements). A plain call into the extension: wrapping it as a
     torch.library custom op (for torch.compile) costs ~70 MB of imports on its first call."""
     return _build().linear_rows(x.contiguous(), weight, KINDS[kind], out_features)
+
+
+def int8_dots() -> bool:
+    """Whether Q4 weights are multiplied with activations held as two int8 parts (CPUs with AVX512-VNNI)."""
+    return bool(_build()) and _build().int8_dots()
+
+
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) as the Q4 kernels see it with int8_dots(): each block of 32 as d·(q1 + q2/254), d =
+    max|x| / 127, q1 = round(x/d), q2 = round((x - d·q1)·254/d); an odd last block stays as it is."""
+    M, K = x.shape
+    even = K // 64 * 64
+    blocks = x[:, :even].reshape(M, -1, 32)  # (M, blocks, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127  # (M, blocks, 1)
+    inv = torch.where(d > 0, 1 / d, 0)
+    q1 = torch.round(blocks * inv)
+    rest = (blocks.double() - q1.double() * d.double()).float()  # exact, then rounded once: C++'s fma
+    q2 = torch.round(rest * inv * 254)
+    return torch.cat([(d * (q1 + q2 / 254)).reshape(M, even), x[:, even:]], dim=1)
