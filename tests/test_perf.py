@@ -145,6 +145,24 @@ def test_fused_decode_layer_equals_the_reference_with_padding(changes, monkeypat
                           atol=1e-4)
 
 
+def test_fused_layer_follows_weights_changed_after_make_fast():
+    """The fused layer looks its weights up once; a cast or a replaced projection must still be seen."""
+    plain = tiny()
+
+    def bf16_fast():
+        return fast.make_fast(fast.to_bf16_weights(copy.deepcopy(plain)))
+
+    quick = fast.make_fast(copy.deepcopy(plain))
+    prefill_and_decode_logits(quick)  # the decode plans are built
+    fast.to_bf16_weights(quick)
+    assert torch.equal(prefill_and_decode_logits(quick), prefill_and_decode_logits(bf16_fast()))
+    fresh = bf16_fast()
+    for model in (quick, fresh):  # quick's plans were built, fresh's not
+        model.model.layers[1].mlp.down_proj = fast.FastLinear.from_linear(nn.Linear(plain.config.ffn_dim, plain.config.dim, bias=False))
+        model.model.layers[1].mlp.down_proj.weight.data.zero_()
+    assert torch.equal(prefill_and_decode_logits(quick), prefill_and_decode_logits(fresh))
+
+
 def test_bf16_weights_keep_fp32_activations_and_stay_close():
     plain = tiny()
     half = fast.make_fast(fast.to_bf16_weights(copy.deepcopy(plain)))

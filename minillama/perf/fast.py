@@ -137,6 +137,13 @@ def raw(linear) -> tuple | None:
     return None
 
 
+def _storage(linear) -> int | None:
+    """Where a projection's weights live (a cast or a new tensor moves them), read from the module's own
+    dicts: nn.Module's __getattr__ is slow enough to matter 210 times a token."""
+    tensor = linear._buffers.get("blocks", linear._parameters.get("weight"))
+    return tensor.data_ptr() if tensor is not None else None
+
+
 class FastDecoderLayer(DecoderLayer):
     """A DecoderLayer whose decode steps (one new token per row, up to kernels.MAX_ROWS rows, fp32) run as
     two C++ calls around the cache write, instead of ~70 PyTorch ops whose dispatch costs more than
@@ -151,14 +158,17 @@ class FastDecoderLayer(DecoderLayer):
         """The step's fixed arguments (weights as the kernels read them, formats, sizes), looked up once:
         Python attribute lookups cost ~80 us a layer, as much as its attention. Rebuilt when a projection
         or its storage changes (LoRA applied, weights cast); None when the kernels cannot read one."""
-        attn, mlp = self.self_attn, self.mlp
-        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        parts = [raw(m) for m in linears]
-        key = tuple((m, w.data_ptr()) for m, (w, _) in zip(linears, parts) if w is not None) if None not in parts \
-            else None
+        # the modules' own dicts: nn.Module's __getattr__ would cost more than the lookup saves
+        attn, mlp = self._modules["self_attn"]._modules, self._modules["mlp"]._modules
+        linears = [attn[name] for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                  [mlp[name] for name in ("gate_proj", "up_proj", "down_proj")]
+        key = tuple((m, _storage(m)) for m in linears)
         plan = self.__dict__.get("_decode_plan")
         if plan is not None and plan[0] == key:
             return plan[1]
+        attn, mlp = self.self_attn, self.mlp
+        parts = [raw(m) for m in linears]
+        key = key if None not in parts else None
         C = attn.q_proj.in_features
         usable = key is not None and kernels.available() and attn.o_proj.bias is None \
             and not any(n % 32 for n in (C, attn.o_proj.in_features, mlp.down_proj.in_features))
