@@ -120,6 +120,31 @@ def test_engine_greedy_equals_each_prompt_alone_with_rows_coming_and_going():
     assert len(engine.pool.free) == engine.pool.n_blocks  # every block came back
 
 
+def test_engine_serves_latent_attention_from_a_paged_pool_of_latent_rows():
+    """DeepSeek-V2's MLA: the pool keeps one latent row per token (no values); each request alone answers
+    as generate_ids, several together complete and hand every block back."""
+    config = CONFIG.replace(n_kv_heads=4, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+                            model_type="deepseek_v2")
+    model, tokenizer = tiny_model(config), byte_tokenizer()
+    prompts = [tokenizer.encode(f"latent {i}: " + "xy" * i) for i in range(6)]
+    configs = [GenerationConfig(max_new_tokens=3 + 2 * i, temperature=0, ignore_eos=True) for i in range(6)]
+    alone = [[step[0] for step in generate_ids(model, [p], c)] for p, c in zip(prompts, configs)]
+    engine = Engine(model, tokenizer, kv_cache_mb=0.05, max_running=1, prefill_chunk=8).start()
+    try:  # one at a time: a row's numbers equal generate_ids'
+        assert [tokens for tokens, _, _ in run_engine(engine, [Request(p, c) for p, c in zip(prompts, configs)])] \
+            == alone
+    finally:
+        engine.stop()
+    assert engine.pool.v == [] and engine.pool.k[0].shape[-1] == 32 + 16  # (1, N, BLOCK_SIZE, R + Dr)
+    engine = Engine(model, tokenizer, kv_cache_mb=0.05).start()
+    try:  # together: padded to one batch, so only the ends of the sums may differ
+        results = run_engine(engine, [Request(p, c) for p, c in zip(prompts, configs)], stagger=0.002)
+    finally:
+        engine.stop()
+    assert [len(tokens) for tokens, _, _ in results] == [len(a) for a in alone]
+    assert all(done.kind == "done" for _, _, done in results) and len(engine.pool.free) == engine.pool.n_blocks
+
+
 def test_engine_cancel_frees_the_slot_and_stop_strings_end_the_text():
     model, tokenizer = tiny_model(), byte_tokenizer()
     engine = Engine(model, tokenizer, kv_cache_mb=1, max_running=1).start()

@@ -88,8 +88,7 @@ class Engine:
             raise UserError(f"serve needs RoPE with fixed frequencies, not position_encoding {c.position_encoding} "
                             f"/ rope_scaling {c.rope_scaling.type if c.rope_scaling else None}")
         dtype = model.model.norm.weight.dtype  # the activations' dtype, as model.new_cache uses
-        token_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
-        n_blocks = max(1, int(kv_cache_mb * 2**20 / token_bytes) // BLOCK_SIZE)
+        n_blocks = max(1, int(kv_cache_mb * 2**20 / BlockPool.token_bytes(c, dtype)) // BLOCK_SIZE)
         self.model, self.tokenizer = model, tokenizer
         self.pool = BlockPool(c, n_blocks, model.device, dtype)
         self.max_running, self.max_queue, self.prefill_chunk = max_running, max_queue, prefill_chunk

@@ -35,18 +35,31 @@ class PagedRow:
 
 class BlockPool:
     """Keys and values of every layer, (K, N, BLOCK_SIZE, D) each for N blocks, and which blocks are free.
+    Latent attention (model/mla.py) keeps one row per token, its latent and rope key, and no values: its
+    pool holds (1, N, BLOCK_SIZE, R + Dr) "keys" only.
 
     Blocks along the second axis, so a run of consecutive blocks reads as one (K, slots, D) view: allocate
     looks for such a run first, and a row stored in one attends without a gather."""
 
     def __init__(self, config: ModelConfig, n_blocks: int, device=None, dtype=torch.float32):
-        shape = (config.n_kv_heads, n_blocks, BLOCK_SIZE, config.head_dim)  # (K, N, BLOCK_SIZE, D)
+        self.latent = config.kv_lora_rank is not None
+        if self.latent:
+            shape = (1, n_blocks, BLOCK_SIZE, config.kv_lora_rank + config.qk_rope_head_dim)  # (1, N, BLOCK_SIZE, R + Dr)
+        else:
+            shape = (config.n_kv_heads, n_blocks, BLOCK_SIZE, config.head_dim)  # (K, N, BLOCK_SIZE, D)
         # empty, not zeros: pages never written are never resident, and a row reads only slots it wrote
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [] if self.latent else [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.n_blocks = n_blocks
         self.free = list(range(n_blocks))  # kept sorted, so runs are easy to find
         self.device = self.k[0].device
+
+    @staticmethod
+    def token_bytes(config: ModelConfig, dtype) -> int:
+        """Bytes one token takes in the pool (all layers)."""
+        width = config.kv_lora_rank + config.qk_rope_head_dim if config.kv_lora_rank is not None \
+            else 2 * config.n_kv_heads * config.head_dim
+        return config.n_layers * width * torch.tensor([], dtype=dtype).element_size()
 
     @staticmethod
     def blocks_for(tokens: int) -> int:
@@ -82,6 +95,8 @@ class BlockPool:
             pick = torch.tensor(row.blocks[:n], device=self.device)
         K, D = self.k[layer].shape[0], self.k[layer].shape[-1]
         k = self.k[layer][:, pick].reshape(K, n * BLOCK_SIZE, D)[:, :slots]  # (K, slots, D)
+        if self.latent:
+            return k.unsqueeze(0), None
         v = self.v[layer][:, pick].reshape(K, n * BLOCK_SIZE, D)[:, :slots]
         return k.unsqueeze(0), v.unsqueeze(0)
 
@@ -94,7 +109,8 @@ class BlockPool:
         blocks = torch.tensor(row.blocks, device=self.device)[slots // BLOCK_SIZE]  # (T,)
         offsets = (slots % BLOCK_SIZE).to(self.device)  # (T,)
         self.k[layer][:, blocks, offsets] = k  # (K, T, D) into (K, [block, offset], D)
-        self.v[layer][:, blocks, offsets] = v
+        if v is not None:
+            self.v[layer][:, blocks, offsets] = v
 
 
 class PagedKVCache:
@@ -140,17 +156,22 @@ class PagedKVCache:
             out.append(kernel(q[b:b + 1], keys, values, row_mask))
         return torch.cat(out)  # (B, H, T, D)
 
-    def write(self, layer: int, k, v):
-        """KVCache.write for a model that does not call attend: store, return the padded (B, K, P + T, D)."""
+    def write(self, layer: int, k, v=None):
+        """KVCache.write for a model that does not call attend: store, return the padded (B, K, P + T, D).
+        Latent attention writes its rows alone, kv (B, T, R + Dr), as LatentCache: -> (B, P + T, R + Dr)."""
+        latent = v is None
+        if latent:
+            k = k.unsqueeze(1)  # (B, 1, T, R + Dr): one "head"
         P, T = self.length, k.shape[2]
         ks, vs = [], []
+        pad = lambda t, row: torch.nn.functional.pad(t, (0, 0, P - row.length, 0))  # noqa: E731  in front: right-aligned
         for b, row in enumerate(self.rows):
-            self.pool.store(layer, row, k[b], v[b])
+            self.pool.store(layer, row, k[b], None if latent else v[b])
             keys, values = self.pool.keys_values(layer, row, row.length + T)
-            pad = (0, 0, P - row.length, 0)  # in front of the slot axis: right-aligned, as past_mask says
-            ks.append(torch.nn.functional.pad(keys, pad))
-            vs.append(torch.nn.functional.pad(values, pad))
-        return torch.cat(ks), torch.cat(vs)
+            ks.append(pad(keys, row))
+            if not latent:
+                vs.append(pad(values, row))
+        return torch.cat(ks).squeeze(1) if latent else (torch.cat(ks), torch.cat(vs))
 
     def advance(self, new):
         """The T new tokens of each row (new (B, T) bool, all real: rows take no padding) are now past."""
