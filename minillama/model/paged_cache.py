@@ -123,6 +123,7 @@ class PagedKVCache:
     def __init__(self, pool: BlockPool, rows: list[PagedRow]):
         self.pool, self.rows = pool, list(rows)
         self.device = pool.device
+        self._slots = None  # (blocks, offsets) of the new tokens, the same in every layer: see write_rows
 
     @property
     def length(self) -> int:
@@ -172,6 +173,24 @@ class PagedKVCache:
             if not latent:
                 vs.append(pad(values, row))
         return torch.cat(ks).squeeze(1) if latent else (torch.cat(ks), torch.cat(vs))
+
+    def write_rows(self, layer: int, k, v):
+        """write() without the padding, for perf/fast.py's fused decode layer: store the new k, v (B, K, T, D)
+        with one scatter, return each row's keys and values, (K, L_b + T, D) each, views of its blocks when
+        they are consecutive; the kernel attends each row over its own length."""
+        T, K, D = k.shape[2], k.shape[1], k.shape[3]
+        if self._slots is None:
+            for row in self.rows:
+                if row.length + T > row.capacity:
+                    raise ValueError(f"the row's blocks hold {row.capacity} tokens; {row.length} + {T} do not fit")
+            slots = [(row.blocks[s // BLOCK_SIZE], s % BLOCK_SIZE) for row in self.rows
+                     for s in range(row.length, row.length + T)]  # row by row, then token by token
+            self._slots = torch.tensor(slots, device=self.device).T  # (2, B·T): blocks, offsets
+        blocks, offsets = self._slots
+        self.pool.k[layer][:, blocks, offsets] = k.transpose(0, 1).reshape(K, -1, D)  # (K, B·T, D)
+        self.pool.v[layer][:, blocks, offsets] = v.transpose(0, 1).reshape(K, -1, D)
+        rows = [self.pool.keys_values(layer, row, row.length + T) for row in self.rows]  # (1, K, L_b + T, D) each
+        return [keys[0] for keys, _ in rows], [values[0] for _, values in rows]
 
     def advance(self, new):
         """The T new tokens of each row (new (B, T) bool, all real: rows take no padding) are now past."""

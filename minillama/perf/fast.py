@@ -20,6 +20,7 @@ from torch import nn
 from minillama.model.llama import MLP, Attention, DecoderLayer
 from minillama.perf import kernels
 
+NO_MASK = torch.empty(0, dtype=torch.bool)  # the kernels' "every key may be attended"
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}  # bytes per block of 32 weights
 PREFILL_DTYPE = {"q8_0": torch.float32, "q4_0": torch.bfloat16, "q4_1": torch.bfloat16}
 # Up to this many rows (a chat prompt, a server's batch of prompts) the kernels take the blocks 8 rows a
@@ -199,8 +200,13 @@ class FastDecoderLayer(DecoderLayer):
         x2 = x.reshape(B, C)  # (B, C): one token per row
         qkv = ext.attn_in(x2, *plan["attn_in"], cos.reshape(B, D), sin.reshape(B, D))  # (B, (H + 2K)·D)
         q, k, v = qkv.split(plan["sizes"], dim=1)
-        k, v = cache.write(layer, k.reshape(B, K, 1, D), v.reshape(B, K, 1, D))  # (B, K, S, D)
-        keys = mask.reshape(B, -1).contiguous() if mask is not None else torch.empty(0, dtype=torch.bool)  # (B, S)
+        k, v = k.reshape(B, K, 1, D), v.reshape(B, K, 1, D)
+        if hasattr(cache, "write_rows"):  # paged (serve): each row's keys where its blocks hold them, unpadded
+            k, v = cache.write_rows(layer, k, v)  # B x (K, L_b + 1, D)
+        else:
+            k, v = cache.write(layer, k, v)  # (B, K, S, D)
+            k, v = k.unbind(0), v.unbind(0)  # B x (K, S, D)
+        keys = mask.reshape(B, -1).contiguous() if mask is not None else NO_MASK  # (B, S): row b's are its last L_b + 1
         return ext.layer_out(x2, q.contiguous(), k, v, keys, *plan["out"]).view(B, 1, C)
 
 

@@ -374,36 +374,41 @@ torch::Tensor attn_in(torch::Tensor x, torch::Tensor norm, double eps, std::vect
   return y;
 }
 
-// x + o_proj(softmax(q·kᵀ/sqrt(D) masked)·v): q (M, H·D) with M = B; k, v (B, K, S, D) any strides;
-// mask (B, S) bool (true = may attend) or empty = all
-torch::Tensor attn_out(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask,
-                       torch::Tensor wo, int64_t kind, int64_t H) {
-  const int64_t B = k.size(0), K = k.size(1), S = k.size(2), D = k.size(3), C = x.size(1), G = H / K;
+// x + o_proj(softmax(q·kᵀ/sqrt(D) masked)·v): q (M, H·D) with M = B; k[b], v[b] (K, S_b, D) row b's keys and
+// values, any strides (a KVCache's rows, or a paged cache's blocks, of different lengths); mask (B, S_m) bool
+// (true = may attend) whose last S_b columns are row b's, or empty = all
+torch::Tensor attn_out(torch::Tensor x, torch::Tensor q, std::vector<torch::Tensor> k, std::vector<torch::Tensor> v,
+                       torch::Tensor mask, torch::Tensor wo, int64_t kind, int64_t H) {
+  const int64_t B = (int64_t)k.size(), K = k[0].size(0), D = k[0].size(2), C = x.size(1), G = H / K;
   auto att = torch::empty({B, H * D}, x.options());
-  const float* Q = q.data_ptr<float>(); const float* Kp = k.data_ptr<float>(); const float* Vp = v.data_ptr<float>();
+  const float* Q = q.data_ptr<float>();
   float* A = att.data_ptr<float>();
   const bool* mk = mask.defined() && mask.numel() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t Sm = mk ? mask.size(1) : 0;
   const float scale = 1.f / std::sqrt((float)D);
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(S);
+    std::vector<float> p;
     for (int64_t i = i0; i < i1; i++) {
-      const int64_t b = i / H, h = i % H, g = h / G;
+      const int64_t b = i / H, h = i % H, g = h / G, S = k[b].size(1);
+      TORCH_CHECK(!mk || S <= Sm, "attn_out: a row has more keys than mask columns");
+      const bool* row_mask = mk ? mk + b * Sm + (Sm - S) : nullptr;
+      p.resize(S);
       const float* qv = Q + b * q.stride(0) + h * D;
-      const float* kb = Kp + b * k.stride(0) + g * k.stride(1);
-      const float* vb = Vp + b * v.stride(0) + g * v.stride(1);
+      const float* kb = k[b].data_ptr<float>() + g * k[b].stride(0);
+      const float* vb = v[b].data_ptr<float>() + g * v[b].stride(0);
       float peak = -INFINITY;
       for (int64_t j = 0; j < S; j++) {
-        if (mk && !mk[b * S + j]) { p[j] = -INFINITY; continue; }
-        p[j] = dot(qv, kb + j * k.stride(2), D) * scale; peak = std::max(peak, p[j]);
+        if (row_mask && !row_mask[j]) { p[j] = -INFINITY; continue; }
+        p[j] = dot(qv, kb + j * k[b].stride(1), D) * scale; peak = std::max(peak, p[j]);
       }
       int64_t j = 0;
       for (; j + 16 <= S; j += 16) { const vf e = exp_neg(loadf(&p[j]) - peak); std::memcpy(&p[j], &e, 64); }
       for (; j < S; j++) p[j] = std::exp(p[j] - peak);
-      if (mk) for (j = 0; j < S; j++) if (!mk[b * S + j]) p[j] = 0.f;  // masked: exactly 0, not e^-87
+      if (row_mask) for (j = 0; j < S; j++) if (!row_mask[j]) p[j] = 0.f;  // masked: exactly 0, not e^-87
       float total = 0;
       for (j = 0; j < S; j++) total += p[j];
       float* out = A + b * H * D + h * D;
-      weighted_sum(p.data(), 1.f / total, vb, v.stride(2), S, D, out);
+      weighted_sum(p.data(), 1.f / total, vb, v[b].stride(1), S, D, out);
     }
   });
   auto y = torch::empty({B, C}, x.options());
@@ -439,7 +444,8 @@ bool int8_dots() {
 }
 
 // the rest of a decode step after the cache write: mlp(attn_out(...)), one call from Python instead of two
-torch::Tensor layer_out(torch::Tensor x, torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask,
+torch::Tensor layer_out(torch::Tensor x, torch::Tensor q, std::vector<torch::Tensor> k, std::vector<torch::Tensor> v,
+                        torch::Tensor mask,
                         torch::Tensor wo, int64_t kind_o, int64_t H, torch::Tensor norm, double eps,
                         std::vector<torch::Tensor> w, std::vector<int64_t> kind, std::vector<int64_t> N) {
   return mlp(attn_out(x, q, k, v, mask, wo, kind_o, H), norm, eps, w, kind, N);
