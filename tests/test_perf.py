@@ -133,13 +133,14 @@ def test_fused_decode_layer_equals_the_reference_with_padding(changes, monkeypat
                 layer.self_attn.k_proj.bias.normal_(0, 0.5)
     quick = fast.make_fast(copy.deepcopy(plain))
     assert all(type(layer) is fast.FastDecoderLayer for layer in quick.model.layers)
-    reference_steps = []  # decode steps that fell back to the reference forward: none may
-    forward = fast.DecoderLayer.forward
-    monkeypatch.setattr(fast.DecoderLayer, "forward", lambda self, x, *a: reference_steps.append(x.shape[1])
+    assert type(quick.model) is fast.FastLlamaModel
+    layer_steps = []  # decode steps that went layer by layer: none may, all layers run in one C++ call
+    forward = fast.FastDecoderLayer.forward
+    monkeypatch.setattr(fast.FastDecoderLayer, "forward", lambda self, x, *a: layer_steps.append(x.shape[1])
                         or forward(self, x, *a))
     prompts = [[5, 9, 200, 3, 8, 1, 2], [7, 7, 1], [4]]  # left-padded, past the window
     fused = greedy(quick, prompts, n=10)
-    assert reference_steps and 1 not in reference_steps  # quick's prefills only; every decode step fused
+    assert layer_steps and 1 not in layer_steps  # quick's prefills only; every decode step in decode_layers
     assert fused == greedy(plain, prompts, n=10)
     assert torch.allclose(prefill_and_decode_logits(quick, batch=3), prefill_and_decode_logits(plain, batch=3),
                           atol=1e-4)

@@ -6,6 +6,7 @@ per row, which slots hold real tokens (left padding does not) and the next rotar
 
 Its whole API, used by the model and the generator; nothing else touches its fields:
     write(layer, k, v) -> (k, v)   store a layer's new keys/values at the current slots, return all so far
+    buffers(T)                     (KVCache only) the buffers and first new slot, for a kernel that writes
     advance(new)                   after all layers ran: the new tokens are now past
     keep_rows(index)               drop finished rows of a batch
     reset()                        empty it for reuse
@@ -73,6 +74,11 @@ class KVCache:
         keys.narrow(2, slots.start, k.shape[2]).copy_(k)
         values.narrow(2, slots.start, v.shape[2]).copy_(v)
         return keys.narrow(2, 0, slots.stop), values.narrow(2, 0, slots.stop)
+
+    def buffers(self, T: int):
+        """For a kernel that writes the T new tokens' keys and values itself (perf/fast.py, a whole decode
+        step in one call): every layer's buffers, (B, K, S_max, D) each, and the first slot they take."""
+        return self._k, self._v, self._new_slots(T).start
 
     def advance(self, new):
         """The T new tokens (new (B, T) bool: real, not padding) join the past, once every layer wrote them."""

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillama.model.llama import MLP, Attention, DecoderLayer
+from minillama.model.cache import KVCache
+from minillama.model.llama import MLP, Attention, DecoderLayer, LlamaModel
 from minillama.perf import kernels
 
 NO_MASK = torch.empty(0, dtype=torch.bool)  # the kernels' "every key may be attended"
@@ -210,6 +211,43 @@ class FastDecoderLayer(DecoderLayer):
         return ext.layer_out(x2, q.contiguous(), k, v, keys, *plan["out"]).view(B, 1, C)
 
 
+class FastLlamaModel(LlamaModel):
+    """A LlamaModel whose decode steps over a KVCache, when every layer is a FastDecoderLayer the kernels
+    can run, go through all layers in one C++ call (kernels.py decode_layers: per layer what
+    FastDecoderLayer.forward does, the cache write included); any other call is LlamaModel's."""
+
+    def _layers(self, input_ids, mask, rope, cache, router_logits):
+        B, T = input_ids.shape
+        step = type(cache) is KVCache and T == 1 and B <= kernels.MAX_ROWS and isinstance(rope, tuple) \
+            and (mask is None or mask.dtype == torch.bool) and self.norm.weight.dtype == torch.float32
+        plans = [layer._plan() if type(layer) is FastDecoderLayer else None for layer in self.layers] if step else [None]
+        if None in plans:
+            return super()._layers(input_ids, mask, rope, cache, router_logits)
+        x = self.embed_tokens(input_ids).reshape(B, -1).float()  # (B, C): one token per row
+        keys, values, slot = cache.buffers(1)
+        H, K, D = plans[0]["heads"]
+        cos, sin = rope  # (B, 1, 1, D) each
+        x = kernels.module().decode_layers(x, cos.reshape(B, D), sin.reshape(B, D),
+                                           mask.reshape(B, -1).contiguous() if mask is not None else NO_MASK,
+                                           keys, values, slot, *self._flat(plans), H, plans[0]["out"][7][0])
+        return self.norm(x.view(B, 1, -1))
+
+    def _flat(self, plans):
+        """The layers' plans as decode_layers takes them, (tensors, kinds, eps), rebuilt when a plan is."""
+        cached = self.__dict__.get("_flat_plans")
+        if cached is not None and len(cached[0]) == len(plans) and all(a is b for a, b in zip(cached[0], plans)):
+            return cached[1]
+        tensors, kinds, eps = [], [], []
+        for plan in plans:  # per layer: norm1, wq, wk, wv, bq, bk, bv, wo, norm2, wgate, wup, wdown
+            norm1, eps1, w_in, kinds_in, _, bias = plan["attn_in"]
+            wo, kind_o, _, norm2, eps2, w_mlp, kinds_mlp, _ = plan["out"]
+            tensors += [norm1, *w_in, *bias, wo, norm2, *w_mlp]
+            kinds += [*kinds_in, kind_o, *kinds_mlp]
+            eps += [eps1, eps2]
+        self.__dict__["_flat_plans"] = (plans, (tensors, kinds, eps))
+        return tensors, kinds, eps
+
+
 def make_fast(model: nn.Module) -> nn.Module:
     """Every plain nn.Linear becomes a FastLinear over the same weights (fp32 or bf16), GGUF blocks are
     already fast, and every decoder layer a FastDecoderLayer (the same module, its decode step fused).
@@ -222,6 +260,8 @@ def make_fast(model: nn.Module) -> nn.Module:
                 setattr(module, name, FastLinear.from_linear(child))
         if type(module) is DecoderLayer and type(module.self_attn) is Attention and type(module.mlp) is MLP:
             module.__class__ = FastDecoderLayer  # same parameters and names; only forward changes
+        if type(module) is LlamaModel:
+            module.__class__ = FastLlamaModel
     return model
 
 

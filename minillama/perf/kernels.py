@@ -450,6 +450,40 @@ torch::Tensor layer_out(torch::Tensor x, torch::Tensor q, std::vector<torch::Ten
                         std::vector<torch::Tensor> w, std::vector<int64_t> kind, std::vector<int64_t> N) {
   return mlp(attn_out(x, q, k, v, mask, wo, kind_o, H), norm, eps, w, kind, N);
 }
+
+// A whole decode step of every layer in one call (perf/fast.py FastLlamaModel), for a KVCache: per layer
+// attn_in, the new keys and values copied into its buffers at `slot`, layer_out over slots 0..slot. The
+// Python around 30 layers' calls (~70 us a layer: module calls, the cache write, views) costs as much as
+// their attention. Per layer l: tensors[12 l ...] = norm1, wq, wk, wv, bq, bk, bv (empty: none), wo, norm2,
+// wgate, wup, wdown; kinds[7 l ...] their formats; eps[2 l ...]. x (B, C); k_bufs[l], v_bufs[l] (B, K, S_max, D).
+torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor mask,
+                            std::vector<torch::Tensor> k_bufs, std::vector<torch::Tensor> v_bufs, int64_t slot,
+                            std::vector<torch::Tensor> tensors, std::vector<int64_t> kinds, std::vector<double> eps,
+                            int64_t H, int64_t F) {
+  const int64_t B = x.size(0), C = x.size(1), K = k_bufs[0].size(1), D = k_bufs[0].size(3);
+  const int64_t Nq = H * D, Nk = K * D, W = Nq + 2 * Nk;
+  for (size_t l = 0; l < k_bufs.size(); l++) {
+    const torch::Tensor* t = &tensors[12 * l];
+    const int64_t* kd = &kinds[7 * l];
+    auto qkv = attn_in(x, t[0], eps[2 * l], {t[1], t[2], t[3]}, {kd[0], kd[1], kd[2]}, {Nq, Nk, Nk},
+                       {t[4], t[5], t[6]}, cos, sin);  // (B, W): q, k, v
+    torch::Tensor& kb = k_bufs[l]; torch::Tensor& vb = v_bufs[l];
+    TORCH_CHECK(kb.is_contiguous() && vb.is_contiguous() && slot < kb.size(2), "decode_layers: cache buffers");
+    std::vector<torch::Tensor> ks, vs;
+    for (int64_t b = 0; b < B; b++) {
+      for (int64_t g = 0; g < K; g++) {
+        const float* row = qkv.data_ptr<float>() + b * W;
+        std::memcpy(kb.data_ptr<float>() + ((b * K + g) * kb.size(2) + slot) * D, row + Nq + g * D, D * 4);
+        std::memcpy(vb.data_ptr<float>() + ((b * K + g) * vb.size(2) + slot) * D, row + Nq + Nk + g * D, D * 4);
+      }
+      ks.push_back(kb.select(0, b).narrow(1, 0, slot + 1));  // (K, slot + 1, D)
+      vs.push_back(vb.select(0, b).narrow(1, 0, slot + 1));
+    }
+    x = layer_out(x, qkv, ks, vs, mask, t[7], kd[3], H, t[8], eps[2 * l + 1], {t[9], t[10], t[11]},
+                  {kd[4], kd[5], kd[6]}, {F, F, C});  // q read from qkv's first H·D columns
+  }
+  return x;
+}
 """
 
 KINDS = {"f32": 0, "bf16": 1, "q8_0": 2, "q4_0": 3, "q4_1": 4}
@@ -479,7 +513,7 @@ def _build():
                 print(f"building the decode kernels with the C++ compiler (once, cached in {folder}) ...",
                       file=sys.stderr)
                 _module = load_inline("minillama_kernels", cpp_sources=SOURCE,
-                                      functions=["linear_rows", "attn_in", "layer_out", "int8_dots"],
+                                      functions=["linear_rows", "attn_in", "layer_out", "decode_layers", "int8_dots"],
                                       build_directory=str(folder), extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                       extra_ldflags=["-fopenmp"])  # at::parallel_for is OpenMP pragmas
         except (RuntimeError, OSError, ImportError) as e:  # no compiler, or it failed
