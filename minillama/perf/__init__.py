@@ -14,13 +14,15 @@ cache, CPU time of one thread (so the figures hold on a busy machine; 2 threads 
 | the whole step                                      |   13.2 |   18.7 | was 38 eager, 29 with layers in C++ |
 
 Before: the eager PyTorch layer (every op dispatched from Python: ~70 a layer, ~2,100 a token) with the
-block matmuls called one by one. The layers now run as two C++ calls each (FastDecoderLayer), and kernel
+block matmuls called one by one. The layers now run in one C++ call for all 30 (FastLlamaModel; two a
+layer, FastDecoderLayer, for the server's paged cache), and kernel
 fixes moved the rest: at::parallel_for needs -fopenmp to use the second thread (without it the kernels
 ran on one); GCC turned the vector conversion of signed int8 into scalar code (the Q8_0 LM head read
 2 GB/s; widened as unsigned bytes it reads 11-13); Q4 blocks are dequantized through a 16-entry table with
 one permute per 16 weights (1.3x the per-nibble conversion), and on VNNI CPUs multiplied as integers with
 activations held as two int8 parts (1.3x again); horizontal sums in registers (every dot product ends in
-one: 1.5x the attention at 300 keys) and a vectorized exp. The Python left is ~70 us a layer: the module
-call, the cache write and the views around two C++ calls. Through `minillama generate` on 2 threads this
-decodes at ~125 tok/s against llama.cpp's ~110 on the same file (bench/generate.py).
+one: 1.5x the attention at 300 keys) and a vectorized exp. The Python between layers (~70 us a layer:
+module calls, the cache write, views; the table's 2.1 ms) went with the one call for all layers, which
+brought the step to 11.6 ms on one thread. Through `minillama generate` on 2 threads this decodes at
+~1.1x llama.cpp on the same file (bench/generate.py: 154.6 vs 141.9 tok/s).
 """

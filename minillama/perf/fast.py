@@ -6,9 +6,11 @@ weights should be read in the smallest form they come in, and never copied to a 
   FastLinear    fp32 or bf16 weights (bf16 = half the bytes; fp32 activations, as llama.cpp does)
   GGMLLinear    GGUF Q8_0 / Q4_0 / Q4_1 blocks straight from the file (1.06 / 0.56 / 0.63 bytes a weight)
   GGMLEmbedding the token embedding as GGUF blocks: a lookup dequantizes only the rows it reads
-Up to kernels.MAX_ROWS rows of activations (decoding) they call the C++ kernels (kernels.py); more rows
-(prefill, evaluation) are a compute-bound GEMM, done by torch on weights dequantized for that call (bf16
-for Q4, whose weights are 4-bit anyway; fp32 for Q8_0, so that it stays equal to its fp32 reference).
+Up to KERNEL_ROWS rows of activations (decoding, a chat prompt) they call the C++ kernels (kernels.py) 8
+rows at a time; more rows (prefill, evaluation) are a compute-bound GEMM, done by torch on weights
+dequantized for that call (bf16 for Q4, whose weights are 4-bit anyway; fp32 for Q8_0, so that it stays
+equal to its fp32 reference). A decode step runs each layer as two C++ calls (FastDecoderLayer), and with
+a KVCache all layers as one (FastLlamaModel).
 Activations, norms and the KV cache stay fp32. Each module's `weight` is its matrix dequantized to
 (out, in), for code that inspects it; it costs a full conversion.
 """
