@@ -1,5 +1,5 @@
 """Speed: transforms of a model into a faster model with the same numbers (fast.py), the C++ kernels they
-call (kernels.py), and data-parallel training (distributed.py).
+call (kernels.cpp, built by kernels.py), and data-parallel training (distributed.py).
 
 Where a decode step's time goes, SmolLM2-135M-Instruct Q4_1 (the shipped GGUF), batch 1, 280 tokens in the
 cache, CPU time of one thread (so the figures hold on a busy machine; 2 threads split every matmul):

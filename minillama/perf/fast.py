@@ -33,7 +33,7 @@ KERNEL_ROWS = 128
 
 
 def dequantize(blocks, kind: str, dtype=torch.float32):
-    """GGUF blocks (N, K/32 · bytes) uint8 -> weights (N, K) in `dtype`; the formulas of kernels.py."""
+    """GGUF blocks (N, K/32 · bytes) uint8 -> weights (N, K) in `dtype`; the formulas of kernels.cpp."""
     N = blocks.shape[0]
     b = blocks.reshape(N, -1, BLOCK_BYTES[kind])  # (N, K/32, bytes)
     d = b[..., 0:2].contiguous().view(torch.float16).float()  # (N, K/32, 1)
@@ -215,7 +215,7 @@ class FastDecoderLayer(DecoderLayer):
 
 class FastLlamaModel(LlamaModel):
     """A LlamaModel whose decode steps over a KVCache, when every layer is a FastDecoderLayer the kernels
-    can run, go through all layers in one C++ call (kernels.py decode_layers: per layer what
+    can run, go through all layers in one C++ call (kernels.cpp decode_layers: per layer what
     FastDecoderLayer.forward does, the cache write included); any other call is LlamaModel's."""
 
     def _layers(self, input_ids, mask, rope, cache, router_logits):
