@@ -8,7 +8,8 @@ sequence moves. The pool's size is the server's memory budget for context, share
 
 PagedKVCache has the API of KVCache (write/advance/keep_rows/reset, length, max_len, device, past_mask(),
 next_positions) over the rows of one forward pass, plus `attend`: the model lets a cache that has it store
-k, v and attend itself (model/llama.py, Attention.forward). It attends row by row, each over exactly its own
+k, v and attend itself (model/llama.py, Attention.forward); and `write_rows`, each row's keys and values
+unpadded, for the fused decode layer (perf/fast.py). It attends row by row, each over exactly its own
 keys, so a row's numbers are the same bits whatever else is in the batch: a padded batch through the fused
 kernel differs in the last bits (its sums group differently), enough to flip a greedy token now and then.
 """
@@ -165,7 +166,10 @@ class PagedKVCache:
             k = k.unsqueeze(1)  # (B, 1, T, R + Dr): one "head"
         P, T = self.length, k.shape[2]
         ks, vs = [], []
-        pad = lambda t, row: torch.nn.functional.pad(t, (0, 0, P - row.length, 0))  # noqa: E731  in front: right-aligned
+
+        def pad(t, row):  # in front of the slot axis: right-aligned, as past_mask says
+            return torch.nn.functional.pad(t, (0, 0, P - row.length, 0))
+
         for b, row in enumerate(self.rows):
             self.pool.store(layer, row, k[b], None if latent else v[b])
             keys, values = self.pool.keys_values(layer, row, row.length + T)
