@@ -23,9 +23,23 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def to_json(value, indent: str = "") -> str:
+    """JSON with one line per leaf: a list or dict holding no list or dict (a curve's point, a row of a
+    table) stays on its line, so a training history reads as one line a step, not ten."""
+    nested = isinstance(value, (list, dict)) and any(
+        isinstance(v, (list, dict)) for v in (value.values() if isinstance(value, dict) else value))
+    if not nested:
+        return json.dumps(value, default=str)
+    inner = indent + " "
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {to_json(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    return "[\n" + ",\n".join(inner + to_json(v, inner) for v in value) + f"\n{indent}]"
+
+
 def save(out: Path, name: str, results: dict, figure=None) -> None:
     """out/NAME.json with the numbers and, given a matplotlib Figure, out/NAME.png."""
-    write_atomic(Path(out) / f"{name}.json", json.dumps(results, indent=1, default=str) + "\n")
+    write_atomic(Path(out) / f"{name}.json", to_json(results) + "\n")
     if figure is not None:
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=110, bbox_inches="tight")

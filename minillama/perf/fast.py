@@ -183,8 +183,9 @@ class FastDecoderLayer(DecoderLayer):
             weights = [w for w, _ in parts]
             bias = [m.bias.detach() if m.bias is not None else torch.empty(0) for m in linears[:3]]
             norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-            args = dict(sizes=[H * D, K * D, K * D], heads=(H, K, D),
-                        attn_in=(norm1.weight.detach(), norm1.eps, weights[:3], kinds[:3], [H * D, K * D, K * D], bias),
+            sizes = [H * D, K * D, K * D]  # q, k, v
+            args = dict(sizes=sizes, heads=(H, K, D),
+                        attn_in=(norm1.weight.detach(), norm1.eps, weights[:3], kinds[:3], sizes, bias),
                         out=(weights[3], kinds[3], H, norm2.weight.detach(), norm2.eps, weights[4:], kinds[4:],
                              [mlp.gate_proj.out_features, mlp.up_proj.out_features, C]))
         self.__dict__["_decode_plan"] = (key, args)  # a plain attribute: not a submodule, not in state_dict
