@@ -3,8 +3,9 @@
   python -m minillama.bench.peers llama.cpp    FILE --t0 T   (llama-cpp-python's low-level API, 2 threads)
   python -m minillama.bench.peers transformers FILE --t0 T   (LlamaForCausalLM.generate, fp32)
 
-Each does what minillama's generator does, greedily: batch-1 decode, batch-8 decode (8 sequences in one
-batch), and a 512-token prefill; and prints one JSON line: tokens/s of each (load excluded: timed from
+Each does what minillama's generator does, greedily: a 512-token prefill (first: the process's first
+forward, as each minillama measurement is), batch-1 decode and batch-8 decode (8 sequences in one
+batch); and prints one JSON line: tokens/s of each (load excluded: timed from
 the first forward), the first token's time since T (the moment the benchmark started the process), and
 the process's peak memory. The prompts come as JSON on stdin: {"b1": [ids], "b8": [[ids] x 8],
 "prefill": [ids], "new_tokens": N, "batch_tokens": M}.
@@ -20,14 +21,17 @@ from minillama.bench.common import peak_memory_mb
 
 def measure(generate, job: dict, t0: float) -> dict:
     """The job's three measurements with a peer's `generate(prompts, new_tokens) -> (prefill seconds,
-    decode seconds after the first token, time.time() of the first token)`."""
+    decode seconds after the first token, time.time() of the first token)`. The prefill goes first: the
+    first forward after loading, as in a user's process (and in minillama's, which runs it alone); the
+    first token's time is then the loading plus the batch-1 prompt's own prefill."""
+    loaded = time.time()
+    prefill, _, _ = generate([job["prefill"]], 1)
+    result = {"prefill": len(job["prefill"]) / prefill}
     n = job["new_tokens"]
-    _, seconds, first = generate([job["b1"]], n)
-    result = {"decode_b1": (n - 1) / seconds, "first_token_s": first - t0}
+    prompt, seconds, _ = generate([job["b1"]], n)
+    result |= {"decode_b1": (n - 1) / seconds, "first_token_s": loaded - t0 + prompt}
     _, seconds, _ = generate(job["b8"], job["batch_tokens"])
     result["decode_b8"] = 8 * (job["batch_tokens"] - 1) / seconds
-    prefill, _, _ = generate([job["prefill"]], 1)
-    result["prefill"] = len(job["prefill"]) / prefill
     return result
 
 

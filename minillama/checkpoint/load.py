@@ -11,6 +11,7 @@ assets fetches, and applies the speed transforms the caller chose.
 """
 
 import contextlib
+import gc
 from pathlib import Path
 
 import torch
@@ -205,8 +206,12 @@ def model_flags(p) -> None:
 
 
 def load_from_flags(args, tokenizer_required: bool = True):
-    """load_model_and_tokenizer with what model_flags parsed."""
-    return load_model_and_tokenizer(args.path, args.dtype, args.quantize, args.plain, tokenizer_required)
+    """load_model_and_tokenizer with what model_flags parsed, for a command that then runs it until exit."""
+    loaded = load_model_and_tokenizer(args.path, args.dtype, args.quantize, args.plain, tokenizer_required)
+    # The model's thousands of objects live until the process ends: frozen, the garbage collector stops
+    # walking them whenever a few hundred new objects appear (7% of a batch-8 decode step, measured)
+    gc.freeze()
+    return loaded
 
 
 # ---- `minillama convert SRC DST` ----

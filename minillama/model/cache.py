@@ -35,10 +35,12 @@ class KVCache:
         self.device = torch.device(device) if device is not None else self._mask.device
 
     def _allocate(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        """The buffers of every layer, batch first: keys and values, (B, K, S_max, D) each."""
+        """The buffers of every layer, batch first: keys and values, (B, K, S_max, D) each. Uninitialized:
+        only written slots are ever read, and memory never written is never resident (zeroing the cache of a
+        512-token prompt was 1.5% of its prefill)."""
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)  # (B, K, S_max, D)
-        return ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
-                [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)])
+        return ([torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)],
+                [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)])
 
     def _new_slots(self, T: int) -> slice:
         """The slots the T new tokens take, after the past ones."""

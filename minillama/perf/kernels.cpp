@@ -93,95 +93,105 @@ static void rows(const float* x, const uint8_t* w, int64_t row_bytes, float* y, 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 #define INT8_DOTS 1
-// Q4 weights meet activations held as integers: 64 products of a 4-bit weight and an int8 per vpdpbusd
-// instruction instead of 16 fp32 FMAs after a table lookup. llama.cpp rounds each block of 32 activations
+// Q4 weights meet activations held as integers: a vpdpwssd multiplies 32 pairs of 16-bit integers in one
+// instruction, where fp32 takes 16 FMAs after a table lookup. llama.cpp rounds each block of 32 activations
 // to int8 (d = max|x| / 127); on SmolLM2, whose residual stream holds a few huge channels, that alone
 // turns "The capital of France is Paris." into "L'Étoile, la Marseillaise, ..." (llama.cpp answers the
 // same). So the rounding error is rounded again: x ≈ d·(q1 + q2/254), q1 = round(x/d), q2 = round((x -
-// d·q1)·254/d), two int8 dots per block pair, about 15 bits, logits within ~1e-3 of fp32 activations.
-// 1.25-1.3x the weights per second of the fp32 table kernel (one Zen 5 thread, 576 x 98k and 1536 x 30k:
-// 15 -> 19 Gw/s; one rounding alone reached 21). Q8_0 and float weights keep fp32 activations.
+// d·q1)·254/d), about 15 bits, logits within ~1e-3 of fp32 activations; held as one int16 c = 254·q1 + q2
+// (|c| <= 32385), x̂ = (d/254)·c. Per row and pair of blocks: 2 loads, 2 vpdpwssd, 1 conversion and 2
+// float ops, where two int8 dots (vpdpbusd) took 8 vector ops; that per-row work is what bounds batch 8.
+// Q8_0 and float weights keep fp32 activations.
 //
-// Blocks go in pairs (b0, b1), laid out so that one 64-byte load meets the weights' nibbles as they unpack
-// (low nibbles = weights 0-15, high = 16-31): [b0 x0-15 | b1 x0-15 | b0 x16-31 | b1 x16-31]. vpdpbusd's
-// 16 int32 sums then belong to b0 (lanes 0-3, 8-11) and b1 (4-7, 12-15): each lane's block scale d and
-// Σx̂ / 8 (the zero point's share; 8 lanes per block) are stored per lane.
+// Blocks go in pairs (b0, b1). Unpacked, a pair's 64 nibbles lie as L = [b0 w0-15 | b1 w0-15 | b0 w16-31 |
+// b1 w16-31] (low nibbles = weights 0-15, high = 16-31), one byte each; as 16-bit words, A = L's even
+// bytes, B = its odd ones, so that int32 lane j sums L[4j .. 4j+3] over both: lanes 0-3 and 8-11 belong to
+// b0, 4-7 and 12-15 to b1, and each lane's scale d/254 is stored per lane. The zero points' share
+// m·Σx̂ is one FMA per pair for all rows at once (a lane per row).
 struct Int8Rows {
   int64_t pairs = 0;
-  std::vector<int8_t> q1, q2;  // (M, pairs · 64) each
-  std::vector<float> d;        // (M, pairs · 16)
-  std::vector<float> s;        // (M, pairs · 16)
+  std::vector<int16_t> c;  // (M, pairs, 64): the pair's A words, then its B words
+  std::vector<float> d;    // (M, pairs, 16): each lane's block scale / 254
+  std::vector<float> s;    // (pairs, 2, 8): Σ x̂ of block (pair, b) for each row (8 lanes)
 };
 
 static Int8Rows int8_rows(const float* X, int64_t M, int64_t K) {
   Int8Rows a;
   a.pairs = K / 64;  // an odd last block stays fp32 (rows_int8)
-  a.q1.assign(M * a.pairs * 64, 0); a.q2.assign(M * a.pairs * 64, 0);
-  a.d.assign(M * a.pairs * 16, 0.f); a.s.assign(M * a.pairs * 16, 0.f);
+  a.c.assign(M * a.pairs * 64, 0); a.d.assign(M * a.pairs * 16, 0.f); a.s.assign(a.pairs * 16, 0.f);
+  const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // std::nearbyint's ties to even
   for (int64_t m = 0; m < M; m++)
     for (int64_t b = 0; b < 2 * a.pairs; b++) {
       const float* x = X + m * K + 32 * b;
-      float big = 0, sum = 0;  // sum: of the rounded values, so that the kernel is exactly Σ w·x̂
-      for (int i = 0; i < 32; i++) big = std::max(big, std::fabs(x[i]));
-      const float d = big / 127, inv = d > 0 ? 1 / d : 0;
+      const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+      const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi))) / 127;
+      const __m512 inv = _mm512_set1_ps(d > 0 ? 1 / d : 0), dv = _mm512_set1_ps(d), k254 = _mm512_set1_ps(254);
+      int32_t c[32];
+      for (int h = 0; h < 2; h++) {
+        const __m512 v = h ? hi : lo;
+        const __m512 q1 = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), round);
+        const __m512 q2 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_fnmadd_ps(q1, dv, v), inv), k254), round);
+        _mm512_storeu_si512(c + 16 * h, _mm512_cvtps_epi32(_mm512_fmadd_ps(q1, k254, q2)));  // exact: small integers
+      }
       const int64_t p = b / 2, half = b % 2;
-      for (int i = 0; i < 32; i++) {
-        const float q1 = std::nearbyint(x[i] * inv), q2 = std::nearbyint(std::fma(-q1, d, x[i]) * inv * 254);
-        const int64_t at = (m * a.pairs + p) * 64 + (i < 16 ? 0 : 32) + 16 * half + i % 16;
-        a.q1[at] = (int8_t)q1; a.q2[at] = (int8_t)q2;
-        sum += d * (q1 + q2 / 254);
+      int16_t* A = &a.c[(m * a.pairs + p) * 64]; int16_t* B = A + 32;
+      int32_t sum = 0;
+      for (int i = 0; i < 32; i++) {  // L index (i < 16 ? 0 : 32) + 16·half + i % 16; A takes the even ones
+        const int64_t at = (i < 16 ? 0 : 32) + 16 * half + i % 16;
+        (at % 2 ? B : A)[at / 2] = (int16_t)c[i];
+        sum += c[i];
       }
       for (int lane = 0; lane < 4; lane++)
-        for (int upper = 0; upper < 2; upper++) {
-          const int64_t at = (m * a.pairs + p) * 16 + 8 * upper + 4 * half + lane;
-          a.d[at] = d; a.s[at] = sum / 8;
-        }
+        for (int upper = 0; upper < 2; upper++) a.d[(m * a.pairs + p) * 16 + 8 * upper + 4 * half + lane] = d / 254;
+      a.s[(p * 2 + half) * 8 + m] = d / 254 * (float)sum;  // Σc exact in fp32: |Σc| <= 32 · 32385 < 2^24
     }
   return a;
 }
 
 // rows() for Q4_0 / Q4_1 weights and integer activations: w = d·q + m per block (Q4_0: m = -8·d), so
-// Σ w·x̂ = d·dx·(Σ q·q1 + Σ q·q2 / 254) + m·Σ x̂.
+// Σ w·x̂ = d·(d_x/254)·Σ q·c + m·Σ x̂.
 template <int M, int KIND>
 static void rows_int8(const Int8Rows& a, const float* x, const uint8_t* w, int64_t row_bytes, float* y,
                       int64_t ldy, int64_t K, int64_t n0, int64_t n1) {
   const int64_t B = KIND == Q4_0 ? 18 : 20, head = B - 16;  // bytes per block, of which d (and m) first
   const __m512i lanes_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
-  const __m512i lanes_m = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3);
   const __m256i low = _mm256_set1_epi8(15);
-  const __m512 fine = _mm512_set1_ps(1.f / 254);
+  const __m512i even = _mm512_set1_epi16(0x00FF);
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* r = w + n * row_bytes;
-    __m512 acc[M], zero[M];  // two chains of adds: the scaled products, the zero points' share
-    for (int m = 0; m < M; m++) { acc[m] = _mm512_setzero_ps(); zero[m] = _mm512_setzero_ps(); }
+    __m512 acc[M];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    __m256 zero = _mm256_setzero_ps();  // m·Σx̂ of each row (a lane per row)
     for (int64_t p = 0; p < a.pairs; p++) {
       const uint8_t* k0 = r + 2 * p * B; const uint8_t* k1 = k0 + B;
       uint32_t h0 = 0, h1 = 0; std::memcpy(&h0, k0, head); std::memcpy(&h1, k1, head);
       __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)h0), (int)h1, 1));  // (d0, m0, d1, m1)
       if (KIND == Q4_0) dm = _mm_mul_ps(_mm_moveldup_ps(dm), _mm_setr_ps(1, -8, 1, -8));  // m = -8·d
-      const __m512 dm16 = _mm512_broadcast_f32x4(dm);
-      const __m512 d = _mm512_permutexvar_ps(lanes_d, dm16), mins = _mm512_permutexvar_ps(lanes_m, dm16);
+      const __m512 d = _mm512_permutexvar_ps(lanes_d, _mm512_broadcast_f32x4(dm));
+      const __m256 m0 = _mm256_broadcastss_ps(_mm_movehdup_ps(dm)), m1 = _mm256_broadcastss_ps(_mm_shuffle_ps(dm, dm, 3));
+      zero = _mm256_fmadd_ps(m1, _mm256_loadu_ps(&a.s[p * 16 + 8]), _mm256_fmadd_ps(m0, _mm256_loadu_ps(&a.s[p * 16]), zero));
       const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(k0 + head))),
                                                 _mm_loadu_si128((const __m128i*)(k1 + head)), 1);  // (b0, b1) nibbles
-      const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, low)),
-                                            _mm256_and_si256(_mm256_srli_epi16(q, 4), low), 1);
+      const __m512i L = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, low)),
+                                           _mm256_and_si256(_mm256_srli_epi16(q, 4), low), 1);
+      const __m512i wa = _mm512_and_si512(L, even), wb = _mm512_srli_epi16(L, 8);  // 16-bit words
       for (int m = 0; m < M; m++) {
         const int64_t at = m * a.pairs + p;
-        const __m512i dot1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, _mm512_loadu_si512(&a.q1[at * 64]));
-        const __m512i dot2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, _mm512_loadu_si512(&a.q2[at * 64]));
-        const __m512 dots = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2), fine, _mm512_cvtepi32_ps(dot1));
-        acc[m] = _mm512_fmadd_ps(d, _mm512_mul_ps(dots, _mm512_loadu_ps(&a.d[at * 16])), acc[m]);
-        zero[m] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(&a.s[at * 16]), zero[m]);
+        const int16_t* c = &a.c[at * 64];
+        const __m512i dots = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), wa, _mm512_loadu_si512(c)),
+                                                 wb, _mm512_loadu_si512(c + 32));
+        acc[m] = _mm512_fmadd_ps(d, _mm512_mul_ps(_mm512_cvtepi32_ps(dots), _mm512_loadu_ps(&a.d[at * 16])), acc[m]);
       }
     }
-    float tail[M] = {};
+    float tail[M] = {}, zeros[8];
+    _mm256_storeu_ps(zeros, zero);
     if ((K / 32) % 2) {  // an odd last block: dequantized, fp32
       const int64_t b = K / 32 - 1;
       vf w0, w1;
       block<KIND>(r, b, w0, w1);
       for (int m = 0; m < M; m++) tail[m] = sum16(w0 * loadf(x + m * K + 32 * b) + w1 * loadf(x + m * K + 32 * b + 16));
     }
-    for (int m = 0; m < M; m++) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], zero[m])) + tail[m];
+    for (int m = 0; m < M; m++) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m]) + zeros[m] + tail[m];
   }
 }
 #else
