@@ -405,8 +405,16 @@ torch::Tensor mlp(torch::Tensor x, torch::Tensor norm, double eps, std::vector<t
   matmul(h.data_ptr<float>(), M, C, {mat(w[0], kind[0], F), mat(w[1], kind[1], F)}, GU);
   auto a = torch::empty({M, F}, x.options());
   float* Ap = a.data_ptr<float>();
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t f = 0; f < F; f++) { const float g = GU[m * 2 * F + f]; Ap[m * F + f] = g / (1.f + std::exp(-g)) * GU[m * 2 * F + F + f]; }
+  for (int64_t m = 0; m < M; m++) {
+    const float* g = GU + m * 2 * F; const float* u = g + F;
+    int64_t f = 0;
+    for (; f + 16 <= F; f += 16) {  // silu(g) = g·σ(g), σ from e^-|g| (exp_neg): a scalar exp each was 6% of a batch-8 step
+      const vf x = loadf(g + f), one = vf{} + 1.f, e = exp_neg(x < 0 ? x : -x), sigmoid = (x < 0 ? e : one) / (one + e);
+      const vf out = x * sigmoid * loadf(u + f);
+      std::memcpy(Ap + m * F + f, &out, 64);
+    }
+    for (; f < F; f++) Ap[m * F + f] = g[f] / (1.f + std::exp(-g[f])) * u[f];
+  }
   auto y = torch::empty({M, C}, x.options());
   matmul(Ap, M, F, {mat(w[2], kind[2], C)}, y.data_ptr<float>());
   return y.add_(x);
