@@ -73,6 +73,17 @@ def test_kernel_matches_float64_matmul_of_its_weights(kind, rows):
     assert torch.allclose(kernels.linear_rows(x, raw, kind, 1000), expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q8_0", "q4_1"])
+def test_kernel_rows_of_a_batch_equal_each_row_alone(kind):
+    """8 rows of K = 2048 (64 KB of activations: the kernel takes them 4 at a time, weight rows two by two)
+    give, bit for bit, what each row gives alone: a batch does not change a row's numbers."""
+    g = torch.Generator().manual_seed(1)
+    raw, _ = weights_as(kind, torch.randn(100, 2048, generator=g))
+    x = torch.randn(8, 2048, generator=g)
+    alone = torch.cat([kernels.linear_rows(x[i:i + 1], raw, kind, 100) for i in range(8)])
+    assert torch.equal(kernels.linear_rows(x, raw, kind, 100), alone)
+
+
 @pytest.mark.parametrize("kind", ["q4_0", "q4_1"])
 def test_q4_kernels_integer_activations_stay_within_1e_4(kind):
     """With int8_dots() the Q4 kernels hold activations as d·(q1 + q2/254) (~15 bits): against fp32
