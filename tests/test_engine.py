@@ -62,6 +62,26 @@ def test_paged_cache_matches_simple_cache_and_rows_do_not_depend_on_the_batch():
         torch.testing.assert_close(simple[0], batched[b], rtol=1e-5, atol=1e-5)
 
 
+@torch.inference_mode()
+def test_paged_cache_kept_for_several_steps_equals_a_new_one_each_step():
+    """The fused decode layer writes through write_rows, whose slots are looked up once per step: a
+    PagedKVCache kept across steps (advance, then the next step) must not write into the last step's slots."""
+    model = tiny_model()
+    prompts = [[5, 9, 33, 7], list(range(40, 51))]
+    logits = []
+    for keep in (True, False):
+        pool = BlockPool(model.config, 8)
+        rows = [PagedRow(pool.allocate(20)) for _ in prompts]
+        for row, p in zip(rows, prompts):
+            model.hidden_states(torch.tensor([p]), None, PagedKVCache(pool, [row]))
+        cache, steps = PagedKVCache(pool, rows), []
+        for token in (11, 12, 13):
+            cache = cache if keep else PagedKVCache(pool, rows)
+            steps.append(model.logits(model.hidden_states(torch.tensor([[token]] * 2), None, cache)[:, -1]))
+        logits.append(torch.stack(steps))
+    assert torch.equal(logits[0], logits[1])
+
+
 def ascii_stop(text: str) -> str:
     """A stop string the random model's answer holds: its first printable ASCII character after the third."""
     stop = next((c for c in text[3:] if c.isascii() and c.isprintable()), None)

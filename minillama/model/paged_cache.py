@@ -124,7 +124,7 @@ class PagedKVCache:
     def __init__(self, pool: BlockPool, rows: list[PagedRow]):
         self.pool, self.rows = pool, list(rows)
         self.device = pool.device
-        self._slots = None  # (blocks, offsets) of the new tokens, the same in every layer: see write_rows
+        self._slots = None  # (blocks, offsets) of this step's new tokens, the same in every layer: write_rows
 
     @property
     def length(self) -> int:
@@ -202,10 +202,13 @@ class PagedKVCache:
             raise ValueError("a paged cache stores no padding: give each row's real tokens only")
         for row in self.rows:
             row.length += new.shape[1]
+        self._slots = None  # the next step's tokens go after these
 
     def keep_rows(self, index):
         self.rows = [self.rows[i] for i in index.tolist()]
+        self._slots = None
 
     def reset(self):
         for row in self.rows:
             row.length = 0
+        self._slots = None

@@ -93,8 +93,8 @@ static void rows_of(const float* x, const uint8_t* w, int64_t row_bytes, float* 
 
 // rows_of, but when the M activation rows outgrow L1 (32 KB: 8 rows of K = 2048 are 64 KB, read again
 // for every weight row), 16 weight rows at a time, two by two, for the first 4 activation rows, then for
-// the others, the weights still in L2: a 2048 x 768 bf16 matrix at 8 rows 524 -> ~300 us. A row's sums
-// are the same whichever way it is reached.
+// the others, the weights still in L2: a 2048 x 768 matrix at 8 rows, bf16 645 -> 348 us, Q8_0 574 -> 392.
+// A row's sums are the same whichever way it is reached.
 template <int M, int KIND>
 static void rows(const float* x, const uint8_t* w, int64_t row_bytes, float* y, int64_t ldy, int64_t K,
                  int64_t n0, int64_t n1) {
@@ -250,7 +250,7 @@ static void matmul(const float* X, int64_t M, int64_t K, const std::vector<Mat>&
   std::vector<int64_t> start = {0};
   for (const Mat& m : mats) start.push_back(start.back() + m.N);
   const int64_t total = start.back();
-  Int8Rows int8;  // the activations as int8, when a Q4 matrix will use them
+  Int8Rows int8;  // the activations as integers (rows_int8), when a Q4 matrix will use them
   bool q4 = false;
   for (const Mat& m : mats) q4 = q4 || m.kind == Q4_0 || m.kind == Q4_1;
 #ifdef INT8_DOTS
